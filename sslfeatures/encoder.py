@@ -1,0 +1,309 @@
+"""The frozen encoder a user ships: backbone + preprocessing, saved in the HF-hub layout.
+
+``model.safetensors`` holds the backbone's timm state dict, ``config.json`` the
+architecture and preprocessing. ``Encoder.from_pretrained`` takes a run folder, an
+exported folder, a ``.safetensors`` file or a hub id; it never unpickles a file unless the
+caller opts in with ``allow_pickle=True`` (and even then only tensors, ``weights_only``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbones import Backbone, backbone_from_config
+from .data import (ArrayImages, BadFileReport, ImageFolder, LabelledImageFolder, iterate,
+                   list_images)
+from .data.decode import DecodeError
+from .utils import autocast, resolve_device, resolve_precision
+
+log = logging.getLogger("sslfeatures")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FORMAT_VERSION = 1
+
+
+class UnsafeFileError(ValueError):
+    """A pickle-based weights file was refused (pass ``allow_pickle=True`` to opt in)."""
+
+
+def _is_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+class Encoder:
+    """A frozen backbone with its preprocessing.
+
+    >>> enc = Encoder.from_pretrained("runs/simclr-20260101-000000")
+    >>> enc.embed(["a.png", "b.png"]).shape   # (2, D) float32
+    """
+
+    def __init__(self, backbone: Backbone, config: dict[str, Any], device: str | torch.device | None = None,
+                 precision: str = "auto"):
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.config = dict(config)
+        self.config.setdefault("format_version", FORMAT_VERSION)
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.backbone.to(self.device)
+        if not self.backbone.is_vit:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    @property
+    def method(self) -> str | None:
+        return self.config.get("method")
+
+    def __repr__(self) -> str:
+        bb = self.config["backbone"]
+        return (f"Encoder(backbone={bb['name']!r}, dim={self.num_features}, image_size={self.image_size}, "
+                f"method={self.method!r}, device={self.device})")
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def random_init(cls, backbone: str, image_size: int = 224, seed: int = 0, **kwargs: Any) -> "Encoder":
+        """The same architecture at random initialisation (the usual floor for comparisons)."""
+        torch.manual_seed(seed)
+        bkw = {k: kwargs.pop(k) for k in ("stem", "patch_size", "pooling") if k in kwargs}
+        bb = Backbone(backbone, image_size=image_size, **bkw, **kwargs.pop("backbone_kwargs", {}))
+        cfg = {"backbone": bb.config, "image_size": image_size, "mean": [0.485, 0.456, 0.406],
+               "std": [0.229, 0.224, 0.225], "crop_pct": 1.0, "pooling": bb.pooling, "method": None}
+        return cls(bb, cfg, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        device: str | torch.device | None = None, precision: str = "auto",
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+                        allow_pickle: bool = False) -> "Encoder":
+        """Load from a run/exported folder, a ``.safetensors`` file, or a hub id
+        (``"org/name"``, optionally at ``revision``; downloaded through huggingface-hub)."""
+        path = Path(name_or_path)
+        if path.exists():
+            folder = path if path.is_dir() else path.parent
+            weights = path if path.is_file() else folder / WEIGHTS_NAME
+        elif isinstance(name_or_path, str) and _is_hub_id(name_or_path):
+            folder = cls._download(name_or_path, revision, cache_dir, local_files_only)
+            weights = folder / WEIGHTS_NAME
+        else:
+            raise FileNotFoundError(
+                f"{name_or_path!s} is neither an existing file/folder nor a hub id of the form 'org/name'")
+        cfg_path = folder / CONFIG_NAME
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path} not found: an encoder folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = cls._read_config(cfg_path)
+        if weights.suffix.lower() in PICKLE_SUFFIXES or (not weights.exists() and any(
+                (folder / f"pytorch_model{s}").exists() for s in (".bin",))):
+            if not allow_pickle:
+                raise UnsafeFileError(
+                    f"{weights} is a pickle-based file; sslfeatures never unpickles files by default "
+                    "because unpickling can run arbitrary code. Convert it to safetensors, or pass "
+                    "allow_pickle=True if you trust its source (tensors only are then loaded).")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        else:
+            if not weights.exists():
+                raise FileNotFoundError(f"{weights} not found")
+            state = load_file(str(weights))
+        bb = backbone_from_config(config["backbone"])
+        missing, unexpected = bb.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match {config['backbone']['name']}: missing "
+                             f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        return cls(bb, config, device=device, precision=precision)
+
+    @staticmethod
+    def _read_config(path: Path) -> dict[str, Any]:
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        for key, typ in (("backbone", dict), ("image_size", int), ("mean", list), ("std", list)):
+            if key not in cfg:
+                raise ValueError(f"{path}: missing key {key!r}")
+            if not isinstance(cfg[key], typ):
+                raise ValueError(f"{path}: {key!r} should be {typ.__name__}, got {type(cfg[key]).__name__}")
+        if "name" not in cfg["backbone"]:
+            raise ValueError(f"{path}: backbone.name missing")
+        return cfg
+
+    @staticmethod
+    def _download(repo_id: str, revision: str | None, cache_dir, local_files_only) -> Path:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:  # pragma: no cover
+            raise ImportError("loading from a hub id needs huggingface-hub: pip install huggingface-hub") from None
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        p = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+        return Path(p)
+
+    # -- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (atomically) into ``folder``."""
+        from .utils import atomic_write_bytes, atomic_write_json
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.backbone.model.state_dict().items()}
+        meta = {"format": "pt", "backbone": self.config["backbone"]["name"]}
+        atomic_write_bytes(folder / WEIGHTS_NAME, save(state, metadata=meta))
+        atomic_write_json(folder / CONFIG_NAME, self.config)
+        return folder
+
+    def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",)) -> dict[str, Path]:
+        """Export the encoder; every file written is loaded back and checked."""
+        out: dict[str, Path] = {}
+        for fmt in formats:
+            if fmt == "safetensors":
+                self.save_pretrained(folder)
+                back = Encoder.from_pretrained(folder, device="cpu")
+                mine = self.backbone.model.state_dict()
+                for k, v in back.backbone.model.state_dict().items():
+                    if not torch.equal(v.cpu(), mine[k].cpu()):
+                        raise RuntimeError(f"export check failed: {k} differs after reload")
+                out["safetensors"] = Path(folder) / WEIGHTS_NAME
+            else:
+                raise ValueError(f"unknown export format {fmt!r}; supported: 'safetensors'")
+        return out
+
+    # -- inference ---------------------------------------------------------------------------
+    def _source(self, inputs: Any) -> tuple[Any, bool]:
+        size, crop = self.image_size, float(self.config.get("crop_pct", 1.0))
+        if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
+            return ImageFolder(inputs, size=size, crop_pct=crop), True
+        if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, (list, tuple, np.ndarray, torch.Tensor)):
+            inputs = [inputs]
+        elif isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim <= 3 and not (
+                inputs.ndim == 3 and inputs.shape[0] not in (1, 3, 4) and inputs.shape[-1] not in (1, 3, 4)):
+            inputs = [inputs]
+        return ArrayImages(inputs, size=size, crop_pct=crop), False
+
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.config["mean"], device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.config["std"], device=self.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        if not self.backbone.is_vit:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.no_grad()
+    def _run(self, inputs: Any, fn, batch_size: int, num_workers: int | None, progress: bool | None,
+             strict: bool, report: BadFileReport | None):
+        from tqdm.auto import tqdm
+
+        src, is_folder = self._source(inputs)
+        report = report if report is not None else BadFileReport()
+        nw = num_workers if num_workers is not None else (0 if len(src) <= batch_size else None)
+        amp = resolve_precision(self.precision, self.device)
+        outs, kept = [], []
+        show = progress if progress is not None else len(src) > 4 * batch_size
+        bar = tqdm(total=len(src), desc="embedding", unit="img", disable=not show, leave=False)
+        for x, idx in iterate(src, batch_size=batch_size, num_workers=nw, report=report):
+            with autocast(self.device, amp):
+                y = fn(self._preprocess(x))
+            outs.append(y.float().cpu())
+            kept.append(idx)
+            bar.update(len(idx))
+        bar.close()
+        n_bad = len(report)
+        if n_bad and (strict or not is_folder):
+            first = next(iter(report.entries.items()))
+            raise DecodeError(first[0], first[1] + (f" (and {n_bad - 1} more)" if n_bad > 1 else ""))
+        if n_bad:
+            log.warning(report.summary())
+        if not outs:
+            raise ValueError("no image could be embedded")
+        feats = torch.cat(outs).numpy().astype(np.float32, copy=False)
+        idx = torch.cat(kept).numpy()
+        return feats, idx, src
+
+    def embed(self, inputs: Any, batch_size: int = 64, pooling: str | None = None,
+              num_workers: int | None = None, progress: bool | None = None, strict: bool = False,
+              report: BadFileReport | None = None) -> np.ndarray:
+        """Pooled embeddings ``(N, D) float32`` for paths, PIL images, arrays, tensors, a list
+        of them, or a folder (recursive, sorted; unreadable files there are skipped and
+        reported, elsewhere they raise :class:`DecodeError`)."""
+        pooling = pooling or self.config.get("pooling", "default")
+        feats, _, _ = self._run(inputs, lambda x: self.backbone(x, pooling), batch_size, num_workers,
+                                progress, strict, report)
+        return feats
+
+    def embed_folder(self, folder: str | os.PathLike, batch_size: int = 64, pooling: str | None = None,
+                     **kw: Any) -> tuple[list[Path], np.ndarray]:
+        """``(paths, embeddings)`` for every decodable image below ``folder``."""
+        pooling = pooling or self.config.get("pooling", "default")
+        feats, idx, src = self._run(folder, lambda x: self.backbone(x, pooling), batch_size,
+                                    kw.get("num_workers"), kw.get("progress"), False, kw.get("report"))
+        return [src.files[i] for i in idx], feats
+
+    def patch_features(self, inputs: Any, batch_size: int = 32, **kw: Any) -> np.ndarray:
+        """Patch-level features ``(N, T, D)``: ViT patch tokens (prefix and register tokens
+        dropped) or CNN feature-map cells in row-major order."""
+        feats, _, _ = self._run(inputs, self.backbone.forward_tokens, batch_size, kw.get("num_workers"),
+                                kw.get("progress"), kw.get("strict", False), kw.get("report"))
+        return feats
+
+    def embed_labelled(self, folder: str | os.PathLike, batch_size: int = 128, **kw: Any):
+        """``(features, labels, classes)`` of a labelled folder (class = sub-folder)."""
+        src = LabelledImageFolder(folder, size=self.image_size, crop_pct=float(self.config.get("crop_pct", 1.0)))
+        pooling = kw.get("pooling") or self.config.get("pooling", "default")
+        amp = resolve_precision(self.precision, self.device)
+        outs, kept = [], []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(src), desc=f"embedding {Path(folder).name}", unit="img",
+                   disable=not kw.get("progress", len(src) > 2000), leave=False)
+        with torch.no_grad():
+            for x, idx in iterate(src, batch_size=batch_size, num_workers=kw.get("num_workers"),
+                                  report=kw.get("report")):
+                with autocast(self.device, amp):
+                    outs.append(self.backbone(self._preprocess(x), pooling).float().cpu())
+                kept.append(idx)
+                bar.update(len(idx))
+        bar.close()
+        idx = torch.cat(kept).numpy()
+        return torch.cat(outs).numpy(), src.labels[idx], src.classes
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate_knn(self, train: str | os.PathLike, test: str | os.PathLike, k: int = 20,
+                     temperature: float = 0.07, **kw: Any) -> dict[str, float]:
+        """DINO's weighted k-NN top-1/top-5 on two labelled folders."""
+        from .eval import weighted_knn
+
+        xtr, ytr, classes = self.embed_labelled(train, **kw)
+        xte, yte, classes_te = self.embed_labelled(test, **kw)
+        if classes != classes_te:
+            raise ValueError(f"train and test folders have different classes: {classes} vs {classes_te}")
+        return weighted_knn(xtr, ytr, xte, yte, k=k, temperature=temperature, num_classes=len(classes))
+
+    def evaluate_linear(self, train: str | os.PathLike, test: str | os.PathLike, **kw: Any) -> dict[str, float]:
+        """Linear-probe top-1 on two labelled folders (frozen features)."""
+        from .eval import linear_probe
+
+        epochs = kw.pop("epochs", 60)
+        xtr, ytr, _ = self.embed_labelled(train, **kw)
+        xte, yte, _ = self.embed_labelled(test, **kw)
+        return linear_probe(xtr, ytr, xte, yte, epochs=epochs)

@@ -1,0 +1,102 @@
+"""Atomic checkpoints in safetensors + a JSON pointer; no pickle anywhere.
+
+Layout in the run folder::
+
+    checkpoints/ckpt-00001200.safetensors   model + optimiser tensors
+    checkpoints/latest.json                  {"file": ..., "step": ..., ...}
+
+Each tensor file is written to a temp name and renamed; ``latest.json`` is replaced only
+after its tensor file is complete, so a crash at any moment leaves the previous
+checkpoint intact and pointed to.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..utils import atomic_write_bytes, atomic_write_json
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v
+            else:
+                scalars[f"{pid}/{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, k = key.split("/", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split("/", 1)
+        state.setdefault(int(pid), {})[k] = v
+    groups = [dict(g) for g in meta["param_groups"]]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage: store contiguous copies
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 1) -> Path:
+    """Write ``ckpt-<step>.safetensors`` + ``latest.json`` atomically; prune older files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    otensors, ometa = _flatten_optimizer(optimizer)
+    tensors.update(otensors)
+    name = f"ckpt-{step:08d}.safetensors"
+    atomic_write_bytes(folder / name, st_save(_unique(tensors)))
+    atomic_write_json(folder / "latest.json", dict(meta, step=step, file=name, optimizer=ometa))
+    ckpts = sorted(folder.glob("ckpt-*.safetensors"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return folder / name
+
+
+def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Restore model (and optimiser) from ``folder/latest.json``; returns its metadata."""
+    folder = Path(folder)
+    ptr = folder / "latest.json"
+    if not ptr.exists():
+        raise FileNotFoundError(f"no checkpoint to resume from in {folder} (latest.json missing)")
+    meta = json.loads(ptr.read_text())
+    path = folder / meta["file"]
+    tensors = st_load(path.read_bytes())
+    model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}): was it written with a different method, backbone or config?")
+    if optimizer is not None:
+        osd = _unflatten_optimizer({k: v.to(map_location) for k, v in tensors.items()}, meta["optimizer"])
+        optimizer.load_state_dict(osd)
+    return meta
+
+
+def has_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / "latest.json").exists()

@@ -1,0 +1,104 @@
+"""The run configuration: a recipe (``recipes/<method>.yaml``) plus overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, from_dict, to_dict
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs besides the method's own hyper-parameters."""
+
+    method: str = "simclr"
+    paper: str = ""
+    backbone: str = "resnet18"
+    backbone_kwargs: dict = field(default_factory=dict)
+    stem: str = "default"
+    patch_size: int | None = None
+    pooling: str = "default"
+    image_size: int = 224
+    epochs: int = 100
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    base_lr: float = 1e-3          # scaled by batch_size * world_size / 256
+    lr: float | None = None        # absolute lr; overrides base_lr when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 10
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine schedule of weight decay (DINO)
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    checkpoint_every: int = 500     # steps (plus every epoch end)
+    log_every: int = 10
+    num_workers: int | None = None
+    cache_bytes: int = 4 << 30
+    device: str = "auto"
+    progress: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    views: list = field(default_factory=list)
+    method_args: dict = field(default_factory=dict)
+
+
+def recipe_path(method: str) -> Path:
+    return Path(str(resources.files("sslfeatures.recipes"))) / f"{method}.yaml"
+
+
+def load_recipe(method_or_path: str | Path) -> dict[str, Any]:
+    p = Path(method_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise FileNotFoundError(f"recipe not found: {p}")
+    else:
+        p = recipe_path(str(method_or_path))
+        if not p.exists():
+            return {"method": str(method_or_path)}
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, Any],
+                   method_config_cls: type) -> tuple[TrainConfig, Any]:
+    """Recipe -> overrides -> validated (TrainConfig, method Config).
+
+    Override keys may be any TrainConfig field or any field of the method's Config (those
+    go to ``method_args``); anything else is an error listing the valid keys.
+    """
+    data = load_recipe(recipe if recipe is not None else method)
+    data.setdefault("method", method)
+    method_keys = {f.name for f in dataclasses.fields(method_config_cls)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    margs = dict(data.get("method_args") or {})
+    for k, v in overrides.items():
+        if v is None and k in train_keys and k not in ("lr", "patch_size", "weight_decay_end", "clip_grad", "num_workers"):
+            continue
+        if k in train_keys and k != "method_args":
+            data[k] = v
+        elif k in method_keys:
+            margs[k] = v
+        elif k == "method_args":
+            margs.update(v or {})
+        else:
+            raise ConfigError(
+                f"unknown option {k!r} for method {method!r}; engine options: {sorted(train_keys)}; "
+                f"method options: {sorted(method_keys)}")
+    data["method_args"] = margs
+    tcfg = from_dict(TrainConfig, data, where=f"recipe[{method}]")
+    mcfg = from_dict(method_config_cls, margs, where=f"recipe[{method}].method_args")
+    return tcfg, mcfg
+
+
+__all__ = ["TrainConfig", "load_recipe", "resolve_config", "recipe_path", "to_dict"]

@@ -1,0 +1,316 @@
+"""The one training loop shared by every method: :class:`Pretrainer`.
+
+``Pretrainer("simclr", backbone="resnet18", image_size=32).fit("images/")`` decodes the
+folder, builds the method from its recipe, trains with warm-up + cosine schedules,
+checkpoints atomically, logs metrics, watches for collapse, and saves the frozen
+encoder (``model.safetensors`` + ``config.json``) in the run folder.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..augment import Views
+from ..backbones import create_backbone
+from ..config import to_dict
+from ..data import ArrayImages, BadFileReport, ImageFolder, TrainStream
+from ..methods import StepInfo, get_method
+from ..utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, resolve_precision
+from . import distributed as dist
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, resolve_config
+from .monitor import collapse_stats, is_collapsed
+from .optim import build_optimizer, param_groups
+from .schedules import cosine, warmup_cosine
+
+log = logging.getLogger("sslfeatures")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """What :meth:`Pretrainer.fit` returns."""
+
+    output_dir: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    bad_files: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        losses = [m["loss"] for m in self.metrics if "loss" in m]
+        return losses[-1] if losses else float("nan")
+
+    def encoder(self, **kwargs):
+        from ..encoder import Encoder
+
+        return Encoder.from_pretrained(self.output_dir, **kwargs)
+
+
+def _default_output_dir(method: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{method}-{stamp}"
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + 12345) % (2**63 - 1)
+
+
+class Pretrainer:
+    """Self-supervised pre-training of a backbone with a named method.
+
+    Parameters
+    ----------
+    method: a registered method name (``sslfeatures.list_methods()``).
+    backbone: a timm model name; defaults to the recipe's (the paper's).
+    recipe: a YAML file to use instead of ``recipes/<method>.yaml``.
+    **overrides: any recipe key (``epochs``, ``batch_size``, ``image_size``, ``lr``,
+        ``stem``, ``precision``, ...) or method hyper-parameter (``temperature``, ...).
+    """
+
+    def __init__(self, method: str, backbone: str | None = None, *, recipe: str | Path | None = None,
+                 **overrides: Any):
+        self.method_cls = get_method(method)
+        if backbone is not None:
+            overrides["backbone"] = backbone
+        self.cfg, self.method_cfg = resolve_config(self.method_cls.name, recipe, overrides,
+                                                   self.method_cls.Config)
+        self.views = Views.from_config(self.cfg.views or [{}, {}], self.cfg.mean, self.cfg.std)
+
+    # -- building ---------------------------------------------------------------------
+    def build(self):
+        cfg = self.cfg
+        backbone = create_backbone(cfg.backbone, image_size=cfg.image_size, stem=cfg.stem,
+                                   patch_size=cfg.patch_size, pooling=cfg.pooling, **cfg.backbone_kwargs)
+        return self.method_cls(backbone, self.method_cfg, self.views)
+
+    def full_config(self) -> dict[str, Any]:
+        d = to_dict(self.cfg)
+        d["method_args"] = to_dict(self.method_cfg)
+        return d
+
+    def _source(self, data: Any, size: int):
+        if isinstance(data, (str, os.PathLike)):
+            return ImageFolder(data, size=size)
+        return ArrayImages(data, size=size)
+
+    # -- training ---------------------------------------------------------------------
+    def fit(self, data: Any, output_dir: str | os.PathLike | None = None, resume: bool = False,
+            overwrite: bool = False, max_steps: int | None = None) -> Run:
+        """Train on ``data`` (an image folder, or a list/array of images) and save the encoder.
+
+        ``resume=True`` continues from ``output_dir``'s last checkpoint, reproducing the
+        uninterrupted run exactly (same seed, same batches, same augmentations).
+        ``max_steps`` stops early (the schedules still span the full run), e.g. for tests.
+        """
+        cfg = self.cfg
+        if resume and output_dir is None:
+            raise ValueError("resume=True needs the output_dir of the run to continue")
+        out = Path(output_dir) if output_dir is not None else _default_output_dir(cfg.method)
+        ckdir = out / "checkpoints"
+        if has_checkpoint(ckdir) and not resume and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a training run; pass resume=True to continue it, "
+                "overwrite=True to start again, or another output_dir")
+        if resume and not has_checkpoint(ckdir):
+            raise FileNotFoundError(f"resume=True but {out} has no checkpoint to resume from")
+
+        dist.init_from_env()
+        device = resolve_device(cfg.device)
+        if dist.is_distributed() and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank())
+            torch.cuda.set_device(device)
+        amp_dtype = resolve_precision(cfg.precision, device)
+        main = dist.is_main_process()
+
+        # data first: a missing/empty folder fails before any model is built
+        load_size = max(spec.out_size(cfg.image_size) for spec in self.views.specs)
+        source = self._source(data, load_size)
+        report = BadFileReport()
+        stream = TrainStream(source, cfg.batch_size, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
+                             num_workers=cfg.num_workers, report=report, rank=dist.rank(),
+                             world_size=dist.world_size(), progress=cfg.progress and main)
+
+        torch.manual_seed(cfg.seed)
+        method = self.build().to(device)
+        cnn = not method.backbone.is_vit
+        if cfg.channels_last and cnn:
+            method = method.to(memory_format=torch.channels_last)
+        model = method
+        if dist.is_distributed():
+            model = torch.nn.parallel.DistributedDataParallel(
+                method, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=False)
+        groups = param_groups(method.trainable_modules(), cfg.weight_decay)
+        global_batch = cfg.batch_size * dist.world_size()
+        peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
+        optimizer = build_optimizer(cfg.optimizer, groups, peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
+
+        spe = len(stream)
+        total = cfg.epochs * spe
+        warmup = int(round(cfg.warmup_epochs * spe))
+        step, metrics = 0, []
+        if resume:
+            meta = load_checkpoint(ckdir, method, optimizer, map_location=device)
+            step = int(meta["step"])
+            metrics = _read_metrics(out / "metrics.csv", step)
+            if main:
+                log.info("resuming %s from step %d", out, step)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "train_config.json", self.full_config())
+
+        probe = _probe_batch(stream, 512)
+        t_start = time.perf_counter()
+        last_log_t, last_log_step = t_start, step
+        stop_at = total if max_steps is None else min(total, max_steps)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stop_at, initial=step, desc=f"{cfg.method}", unit="step",
+                   disable=not (cfg.progress and main), dynamic_ncols=True)
+        model.train()
+        while step < stop_at:
+            epoch, start = divmod(step, spe)
+            for batch in stream.epoch(epoch, start):
+                info = StepInfo(step, total, epoch, spe)
+                torch.manual_seed(_step_seed(cfg.seed, step))
+                lr = warmup_cosine(step, total, warmup, peak_lr, cfg.min_lr)
+                wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine(
+                    info.progress, cfg.weight_decay, cfg.weight_decay_end)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                    if g.get("apply_wd", True):
+                        g["weight_decay"] = wd
+                batch = batch.to(device, non_blocking=True)
+                views = method.views(batch, cfg.image_size)
+                if cfg.channels_last and cnn:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                with autocast(device, amp_dtype):
+                    outs = model(views, info)
+                loss = outs["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
+                        f"is in {ckdir}. Usual fixes: a lower lr, precision='fp32', clip_grad=1.0")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                method.before_optimizer_step(info)
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
+                optimizer.step()
+                method.after_optimizer_step(info)
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == stop_at:
+                    now = time.perf_counter()
+                    ips = (step - last_log_step) * global_batch / max(now - last_log_t, 1e-9)
+                    last_log_t, last_log_step = now, step
+                    row = {"step": step, "epoch": round(step / spe, 4), "loss": float(loss.detach()),
+                           "lr": lr, "wd": wd, "img_per_s": round(ips, 2)}
+                    row.update({k: float(v) for k, v in outs.items() if k != "loss"})
+                    metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
+                end_of_epoch = step % spe == 0
+                if main and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == stop_at):
+                    if end_of_epoch or step == stop_at:
+                        stats = _monitor(method, probe, device, cfg, amp_dtype)
+                        metrics.append({"step": step, "epoch": round(step / spe, 4), **stats})
+                        if is_collapsed(stats):
+                            log.warning("representation collapse at step %d: norm_std=%.4f eff_rank=%.2f "
+                                        "(all images map to nearly the same embedding)", step,
+                                        stats["norm_std"], stats["eff_rank"])
+                    save_checkpoint(ckdir, step, method, optimizer,
+                                    {"epoch": epoch, "method": cfg.method, "total_steps": total})
+                    _write_metrics(out, metrics)
+                if step >= stop_at:
+                    break
+        bar.close()
+        seconds = time.perf_counter() - t_start
+        if main:
+            from ..encoder import Encoder
+
+            enc = Encoder(method.encoder_backbone(), _encoder_config(cfg, method))
+            enc.save_pretrained(out)
+            report.write(out / "bad_files.txt")
+            if len(report):
+                log.warning(report.summary())
+        dist.barrier()
+        return Run(out, self.full_config(), metrics, dict(report.entries), step, seconds)
+
+
+def _encoder_config(cfg: TrainConfig, method) -> dict[str, Any]:
+    return {"backbone": method.encoder_backbone().config, "image_size": cfg.image_size,
+            "mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": 1.0,
+            "pooling": cfg.pooling, "method": cfg.method, "paper": method.paper}
+
+
+def _probe_batch(stream: TrainStream, n: int) -> torch.Tensor:
+    if stream.memory is not None:
+        return stream.memory[: min(n, len(stream.memory))]
+    return next(iter(stream.epoch(0)))
+
+
+@torch.no_grad()
+def _monitor(method, probe: torch.Tensor, device, cfg: TrainConfig, amp_dtype) -> dict[str, float]:
+    from ..augment.ops import normalize
+
+    bb = method.encoder_backbone()
+    was = bb.training
+    bb.eval()
+    embs = []
+    for chunk in probe.split(256):
+        x = chunk.to(device).float().div(255)
+        if x.shape[-1] != cfg.image_size:
+            x = torch.nn.functional.interpolate(x, size=cfg.image_size, mode="bilinear", antialias=True)
+        x = normalize(x, cfg.mean, cfg.std)
+        with autocast(device, amp_dtype):
+            embs.append(bb(x).float())
+    bb.train(was)
+    return collapse_stats(torch.cat(embs))
+
+
+def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in metrics:
+        keys += [k for k in row if k not in keys]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(metrics)
+    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
+    try:
+        from ..plots import plot_loss_curve
+
+        plot_loss_curve(metrics, out / "loss.png")
+    except Exception as exc:  # a plot must never stop training
+        log.debug("loss plot failed: %s", exc)
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            r = {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            r = {k: v for k, v in r.items() if v is not None}
+            if r.get("step", math.inf) <= upto_step:
+                r["step"] = int(r["step"])
+                rows.append(r)
+    return rows

@@ -1,0 +1,67 @@
+"""MoCo v2 — Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
+Learning" (on MoCo, He et al. 2019). A query encoder, a momentum (EMA) key encoder, an
+MLP head, and InfoNCE against a FIFO queue of past keys as negatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..engine.distributed import gather_no_grad
+from ..engine.ema import EMA
+from ..heads import mlp
+from ..losses import info_nce_queue
+from .base import Method, MethodConfig, register
+
+
+@dataclass
+class MoCoConfig(MethodConfig):
+    temperature: float = 0.2
+    queue_size: int = 65536
+    momentum: float = 0.999
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    symmetric: bool = False
+
+
+@register("mocov2")
+class MoCoV2(Method):
+    paper = "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning (MoCo v2)"
+    Config = MoCoConfig
+
+    def __init__(self, backbone, cfg: MoCoConfig, views):
+        super().__init__(backbone, cfg, views)
+        self.query = nn.Sequential(backbone, mlp(backbone.num_features, cfg.proj_hidden_dim,
+                                                 cfg.proj_dim, bn=False))
+        self.key = EMA(self.query)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, views, info):
+        x1, x2 = views
+        q1 = self.query(x1)
+        with torch.no_grad():
+            k2 = F.normalize(self.key(x2).float(), dim=1)
+        loss = info_nce_queue(q1, k2, self.queue, self.cfg.temperature)
+        keys = [k2]
+        if self.cfg.symmetric:
+            q2 = self.query(x2)
+            with torch.no_grad():
+                k1 = F.normalize(self.key(x1).float(), dim=1)
+            loss = 0.5 * (loss + info_nce_queue(q2, k1, self.queue, self.cfg.temperature))
+            keys.append(k1)
+        self._pending_keys = torch.cat(keys)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, info):
+        self.key.update(self.query, self.cfg.momentum)
+        keys = gather_no_grad(self._pending_keys)  # enqueue the whole global batch
+        n, size = len(keys), len(self.queue)
+        ptr = int(self.queue_ptr)
+        idx = (torch.arange(n, device=keys.device) + ptr) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % size)
