@@ -1,0 +1,101 @@
+"""Encoder: bit-exact safetensors round trip, every input kind, hub loading offline, no pickle."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslfeatures import Encoder
+from sslfeatures.data import DecodeError
+from sslfeatures.encoder import UnsafeFileError
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder.random_init("resnet18", image_size=32, stem="small_s2",
+                               backbone_kwargs={"channels": [16, 32, 64, 128]}, seed=0)
+
+
+def test_round_trip_is_bit_exact(encoder, tmp_path, tiny_images):
+    encoder.save_pretrained(tmp_path / "e")
+    back = Encoder.from_pretrained(tmp_path / "e")
+    sa, sb = encoder.backbone.model.state_dict(), back.backbone.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert np.array_equal(encoder.embed(tiny_images), back.embed(tiny_images))
+    files = encoder.export(tmp_path / "x", formats=["safetensors"])
+    assert files["safetensors"].exists() and json.loads((tmp_path / "x" / "config.json").read_text())["image_size"] == 32
+    with pytest.raises(ValueError, match="unknown export format"):
+        encoder.export(tmp_path / "y", formats=["tflite"])
+
+
+def test_embed_accepts_paths_pil_arrays_tensors(encoder, tiny_images):
+    path = sorted(tiny_images.rglob("*.png"))[0]
+    pil = Image.open(path)
+    arr = np.asarray(pil.convert("RGB"))
+    ten = torch.from_numpy(arr).permute(2, 0, 1)
+    out = encoder.embed([str(path), pil, arr, ten, path])
+    assert out.shape == (5, encoder.num_features) and out.dtype == np.float32
+    assert np.allclose(out[0], out[1:], atol=1e-5)
+    assert encoder.embed(arr).shape == (1, encoder.num_features)
+    for pooling in ("mean", "gem"):
+        assert encoder.embed(arr, pooling=pooling).shape == (1, encoder.num_features)
+    patches = encoder.patch_features([arr, arr])
+    assert patches.ndim == 3 and patches.shape[0] == 2 and patches.shape[2] == encoder.num_features
+
+
+def test_embed_names_a_bad_file(encoder, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    with pytest.raises(DecodeError, match="bad.jpg: empty file"):
+        encoder.embed([tmp_path / "bad.jpg"])
+
+
+def test_vit_patch_tokens_and_cls():
+    enc = Encoder.random_init("vit_tiny_patch16_224", image_size=32, patch_size=8, backbone_kwargs={"depth": 1})
+    x = np.zeros((32, 32, 3), np.uint8)
+    assert enc.patch_features(x).shape == (1, 16, 192)
+    assert enc.embed(x, pooling="cls").shape == (1, 192)
+
+
+def test_hub_id_loads_offline_from_a_local_cache(encoder, tmp_path, monkeypatch):
+    # the layout huggingface-hub keeps on disk: models--org--name/{refs,snapshots}
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-encoder"
+    for rev, seed in (("1111111111111111111111111111111111111111", 1),
+                      ("2222222222222222222222222222222222222222", 2)):
+        snap = repo / "snapshots" / rev
+        Encoder.random_init("resnet18", image_size=32, stem="small_s2",
+                            backbone_kwargs={"channels": [16, 32, 64, 128]}, seed=seed).save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("2222222222222222222222222222222222222222")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main = Encoder.from_pretrained("acme/tiny-encoder", cache_dir=cache)
+    pinned = Encoder.from_pretrained("acme/tiny-encoder", revision="1111111111111111111111111111111111111111",
+                                     cache_dir=cache)
+    x = np.full((32, 32, 3), 128, np.uint8)
+    assert not np.allclose(main.embed(x), pinned.embed(x))
+    ref = Encoder.from_pretrained(repo / "snapshots" / "1111111111111111111111111111111111111111")
+    assert np.array_equal(pinned.embed(x), ref.embed(x))
+
+
+def test_pickle_files_are_refused(encoder, tmp_path):
+    encoder.save_pretrained(tmp_path / "e")
+    torch.save(encoder.backbone.model.state_dict(), tmp_path / "e" / "weights.pt")
+    with pytest.raises(UnsafeFileError, match="never unpickles"):
+        Encoder.from_pretrained(tmp_path / "e" / "weights.pt")
+    ok = Encoder.from_pretrained(tmp_path / "e" / "weights.pt", allow_pickle=True)
+    assert ok.num_features == encoder.num_features
+
+
+def test_bad_config_is_a_clear_error(encoder, tmp_path):
+    encoder.save_pretrained(tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    cfg["image_size"] = "big"
+    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'image_size' should be int"):
+        Encoder.from_pretrained(tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="neither an existing"):
+        Encoder.from_pretrained(str(tmp_path / "nothing-here"))

@@ -1,0 +1,91 @@
+"""The engine: exact resume, bad files, protection of existing runs, clear config errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sslfeatures import Pretrainer
+from sslfeatures.config import ConfigError
+
+BASE = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 128]},
+            image_size=32, batch_size=16, epochs=2, proj_hidden_dim=64, progress=False, log_every=1,
+            precision="fp32", checkpoint_every=2)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_images, tmp_path):
+    full = Pretrainer("byol", **BASE).fit(tiny_images, output_dir=tmp_path / "full")
+    part = Pretrainer("byol", **BASE)
+    part.fit(tiny_images, output_dir=tmp_path / "part", max_steps=3)  # "interrupted" mid-epoch
+    latest = json.loads((tmp_path / "part" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 3
+    resumed = Pretrainer("byol", **BASE).fit(tiny_images, output_dir=tmp_path / "part", resume=True)
+    assert resumed.steps == full.steps == 6
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = load_file(str(sorted((tmp_path / "full" / "checkpoints").glob("*.safetensors"))[-1]))
+    cb = load_file(str(sorted((tmp_path / "part" / "checkpoints").glob("*.safetensors"))[-1]))
+    for k in ca:  # optimiser state and EMA teacher too
+        assert torch.equal(ca[k], cb[k]), k
+
+
+def test_broken_files_train_and_are_reported(tiny_images, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_images, data)
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "fake.png").write_text("not a png")
+    good = next(data.rglob("*.png")).read_bytes()
+    (data / "truncated.png").write_bytes(good[:200])
+    run = Pretrainer("simclr", **dict(BASE, epochs=1)).fit(data, output_dir=tmp_path / "run")
+    assert run.steps == 3  # 48 good images / 16
+    assert set(run.bad_files) == {str(data / n) for n in ("empty.jpg", "fake.png", "truncated.png")}
+    text = (tmp_path / "run" / "bad_files.txt").read_text()
+    assert "empty.jpg\tempty file" in text
+
+
+def test_existing_run_is_not_overwritten(tiny_images, tmp_path):
+    cfg = dict(BASE, epochs=1)
+    Pretrainer("simclr", **cfg).fit(tiny_images, output_dir=tmp_path / "r", max_steps=2)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        Pretrainer("simclr", **cfg).fit(tiny_images, output_dir=tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Pretrainer("simclr", **cfg).fit(tiny_images, output_dir=tmp_path / "new", resume=True)
+
+
+def test_missing_or_empty_data_fails_before_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        Pretrainer("simclr", **BASE).fit(tmp_path / "missing", output_dir=tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        Pretrainer("simclr", **BASE).fit(tmp_path / "empty", output_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_errors_name_what_is_valid():
+    with pytest.raises(ValueError, match="available methods: .*simclr"):
+        Pretrainer("simclrr")
+    with pytest.raises(ConfigError, match="unknown option 'temprature'"):
+        Pretrainer("simclr", temprature=0.1)
+    with pytest.raises(ConfigError, match="expected a number"):
+        Pretrainer("simclr", temperature="hot")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        Pretrainer("simclr", backbone="resnet_nope").build()
+
+
+def test_recipes_hold_the_papers_defaults():
+    p = Pretrainer("dino")
+    assert p.cfg.backbone == "vit_small_patch16_224" and p.cfg.clip_grad == 3.0
+    assert p.method_cfg.out_dim == 65536 and p.method_cfg.teacher_temp == 0.07
+    assert [s.count for s in p.views.specs] == [1, 1, 8]
+    assert Pretrainer("mae").method_cfg.mask_ratio == 0.75
+    assert Pretrainer("mocov2").method_cfg.queue_size == 65536
+    assert Pretrainer("simclr").cfg.optimizer == "lars"
+    assert Pretrainer("byol").method_cfg.momentum_start == 0.996
