@@ -21,7 +21,7 @@ from sslfeatures.eval import raw_pixel_features, weighted_knn
 
 # Small-image settings for 28 px grayscale on a CPU (see benchmarks/RESULTS.md)
 DEMO = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [32, 64, 128, 256]},
-            image_size=28, batch_size=256, temperature=0.2, warmup_epochs=1,
+            image_size=28, batch_size=128, lr=1.0, temperature=0.5, warmup_epochs=0.5,
             views=[{"scale": [0.2, 1.0], "count": 2}])
 
 

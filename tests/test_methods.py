@@ -14,10 +14,10 @@ CNN = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [1
 VIT = dict(backbone="vit_tiny_patch16_224", patch_size=8, image_size=32, backbone_kwargs={"depth": 2})
 TINY = {
     "simclr": dict(CNN, proj_hidden_dim=128, lr=0.5, temperature=0.2),
-    "mocov2": dict(CNN, queue_size=256, proj_hidden_dim=128, lr=0.1),
+    "mocov2": dict(CNN, queue_size=32, proj_hidden_dim=128, lr=0.1, ema_momentum=0.9),
     "byol": dict(CNN, proj_hidden_dim=128, pred_hidden_dim=128, proj_dim=64, lr=0.5),
     "dino": dict(VIT, out_dim=256, hidden_dim=128, bottleneck_dim=64, lr=1e-3, warmup_teacher_temp_epochs=0,
-                 freeze_last_layer_epochs=0, backbone_kwargs={"depth": 2},
+                 teacher_temp=0.04, center_momentum=0.0, freeze_last_layer_epochs=0, backbone_kwargs={"depth": 2},
                  views=[{"scale": [0.4, 1.0], "count": 2}, {"scale": [0.1, 0.4], "size_frac": 0.5, "count": 2}]),
     "mae": dict(VIT, decoder_dim=64, decoder_depth=1, decoder_heads=4, lr=2e-3),
 }
@@ -34,7 +34,8 @@ def test_loss_falls(name, tiny_images, tmp_path):
     run = Pretrainer(name, **cfg).fit(tiny_images, output_dir=tmp_path / name, max_steps=24)
     losses = [m["loss"] for m in run.metrics if "loss" in m]
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
-    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    # steps 0-1 are skipped: MoCo's queue starts as random (easy) negatives
+    first, last = np.mean(losses[2:6]), np.mean(losses[-4:])
     assert last < first, f"{name}: loss did not fall ({first:.4f} -> {last:.4f})"
     monitor = [m for m in run.metrics if "norm_std" in m]
     assert monitor and monitor[-1]["norm_std"] > 0.01 and monitor[-1]["eff_rank"] > 1.5

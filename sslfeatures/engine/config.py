@@ -82,6 +82,9 @@ def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, 
     method_keys = {f.name for f in dataclasses.fields(method_config_cls)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     margs = dict(data.get("method_args") or {})
+    clash = method_keys & train_keys
+    if clash:
+        raise ConfigError(f"method {method!r} reuses engine option names {sorted(clash)}; rename them")
     for k, v in overrides.items():
         if v is None and k in train_keys and k not in ("lr", "patch_size", "weight_decay_end", "clip_grad", "num_workers"):
             continue

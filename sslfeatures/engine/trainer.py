@@ -159,6 +159,7 @@ class Pretrainer:
         global_batch = cfg.batch_size * dist.world_size()
         peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
         optimizer = build_optimizer(cfg.optimizer, groups, peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
         spe = len(stream)
         total = cfg.epochs * spe
@@ -207,11 +208,13 @@ class Pretrainer:
                         f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
                         f"is in {ckdir}. Usual fixes: a lower lr, precision='fp32', clip_grad=1.0")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 method.before_optimizer_step(info)
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 method.after_optimizer_step(info)
                 step += 1
                 bar.update(1)

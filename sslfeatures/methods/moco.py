@@ -21,7 +21,7 @@ from .base import Method, MethodConfig, register
 class MoCoConfig(MethodConfig):
     temperature: float = 0.2
     queue_size: int = 65536
-    momentum: float = 0.999
+    ema_momentum: float = 0.999
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     symmetric: bool = False
@@ -58,7 +58,7 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, info):
-        self.key.update(self.query, self.cfg.momentum)
+        self.key.update(self.query, self.cfg.ema_momentum)
         keys = gather_no_grad(self._pending_keys)  # enqueue the whole global batch
         n, size = len(keys), len(self.queue)
         ptr = int(self.queue_ptr)
