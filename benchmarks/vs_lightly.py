@@ -52,7 +52,8 @@ def bench_aug_ours(imgs, reps=5) -> float:
     return best
 
 
-def bench_aug_lightly(imgs, workers: int, reps=2) -> float:
+def lightly_loader(imgs, workers: int, shuffle: bool = False):
+    """lightly's documented input path: a Dataset applying SimCLRTransform per PIL image."""
     from lightly.transforms import SimCLRTransform
 
     tf = SimCLRTransform(input_size=SIZE, gaussian_blur=0.0)
@@ -64,7 +65,12 @@ def bench_aug_lightly(imgs, workers: int, reps=2) -> float:
         def __getitem__(self, i):
             return tf(imgs[i])
 
-    dl = torch.utils.data.DataLoader(DS(), batch_size=BATCH, num_workers=workers, drop_last=True)
+    return torch.utils.data.DataLoader(DS(), batch_size=BATCH, num_workers=workers, drop_last=True,
+                                       shuffle=shuffle, persistent_workers=workers > 0)
+
+
+def bench_aug_lightly(imgs, workers: int, reps=2) -> float:
+    dl = lightly_loader(imgs, workers)
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
@@ -79,24 +85,13 @@ def bench_train_lightly(imgs, steps: int, workers: int) -> float:
     import timm
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
-
-    tf = SimCLRTransform(input_size=SIZE, gaussian_blur=0.0)
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(imgs)
-
-        def __getitem__(self, i):
-            return tf(imgs[i])
 
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", num_classes=0)
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(512, 2048, 128)).to(memory_format=torch.channels_last)
     crit = NTXentLoss(temperature=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9)
-    dl = torch.utils.data.DataLoader(DS(), batch_size=BATCH, num_workers=workers, drop_last=True, shuffle=True,
-                                     persistent_workers=workers > 0)
+    dl = lightly_loader(imgs, workers, shuffle=True)
     times, it = [], iter(dl)
     t = time.perf_counter()
     for step in range(steps + 2):

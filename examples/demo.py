@@ -61,8 +61,9 @@ def main() -> None:
     print("\nweighted k-NN top-1 (k=20, T=0.07, cosine), Fashion-MNIST demo split 10,000 -> 2,000")
     for name, acc in rows:
         print(f"  {name:30s} {acc:.4f}")
-    verdict = "beats" if rows[0][1] > rows[1][1] else "does NOT beat"
-    print(f"\npre-trained encoder {verdict} raw pixels by {100 * (rows[0][1] - rows[1][1]):+.1f} points")
+    gap = 100 * (rows[0][1] - rows[1][1])
+    verdict = "beats raw pixels by" if gap > 0 else "falls short of raw pixels by"
+    print(f"\npre-trained encoder {verdict} {abs(gap):.1f} points (random init: {100 * rows[2][1]:.1f})")
     print(f"exported: {exported['safetensors']}  |  neighbours: {out / 'neighbours.png'}  |  "
           f"loss curve: {run.output_dir / 'loss.png'}")
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")

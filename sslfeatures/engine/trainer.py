@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,6 +173,8 @@ class Pretrainer:
             if main:
                 log.info("resuming %s from step %d", out, step)
         if main:
+            if overwrite and not resume and ckdir.exists():
+                shutil.rmtree(ckdir)  # the caller asked to start again: drop the old run's checkpoints
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "train_config.json", self.full_config())
 
