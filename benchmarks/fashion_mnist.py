@@ -49,7 +49,7 @@ SETTINGS: dict[str, dict] = {
                  views=[{"scale": [0.4, 1.0], "blur_p": 1.0, "count": 1},
                         {"scale": [0.4, 1.0], "blur_p": 0.1, "solarize_p": 0.2, "count": 1},
                         {"scale": [0.1, 0.4], "size_frac": 0.5715, "count": 2}]),
-    "mae": dict(VIT, epochs=6, batch_size=128, lr=1.5e-3, warmup_epochs=0.3, decoder_dim=128,
+    "mae": dict(VIT, epochs=3, batch_size=128, lr=1.5e-3, warmup_epochs=0.3, decoder_dim=128,
                 decoder_depth=2, decoder_heads=4, pooling="mean"),
 }
 
