@@ -210,17 +210,16 @@ class Encoder:
         return x
 
     @torch.no_grad()
-    def _run(self, inputs: Any, fn, batch_size: int, num_workers: int | None, progress: bool | None,
-             strict: bool, report: BadFileReport | None):
+    def _forward_all(self, src, fn, batch_size: int, num_workers: int | None, progress: bool | None,
+                     report: BadFileReport, desc: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+        """Decode ``src`` in batches and apply ``fn`` to each preprocessed batch."""
         from tqdm.auto import tqdm
 
-        src, is_folder = self._source(inputs)
-        report = report if report is not None else BadFileReport()
         nw = num_workers if num_workers is not None else (0 if len(src) <= batch_size else None)
         amp = resolve_precision(self.precision, self.device)
         outs, kept = [], []
         show = progress if progress is not None else len(src) > 4 * batch_size
-        bar = tqdm(total=len(src), desc="embedding", unit="img", disable=not show, leave=False)
+        bar = tqdm(total=len(src), desc=desc, unit="img", disable=not show, leave=False)
         for x, idx in iterate(src, batch_size=batch_size, num_workers=nw, report=report):
             with autocast(self.device, amp):
                 y = fn(self._preprocess(x))
@@ -228,16 +227,23 @@ class Encoder:
             kept.append(idx)
             bar.update(len(idx))
         bar.close()
+        if not outs:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        return torch.cat(outs).numpy().astype(np.float32, copy=False), torch.cat(kept).numpy()
+
+    def _run(self, inputs: Any, fn, batch_size: int, num_workers: int | None, progress: bool | None,
+             strict: bool, report: BadFileReport | None):
+        src, is_folder = self._source(inputs)
+        report = report if report is not None else BadFileReport()
+        feats, idx = self._forward_all(src, fn, batch_size, num_workers, progress, report)
         n_bad = len(report)
         if n_bad and (strict or not is_folder):
             first = next(iter(report.entries.items()))
             raise DecodeError(first[0], first[1] + (f" (and {n_bad - 1} more)" if n_bad > 1 else ""))
         if n_bad:
             log.warning(report.summary())
-        if not outs:
+        if not len(idx):
             raise ValueError("no image could be embedded")
-        feats = torch.cat(outs).numpy().astype(np.float32, copy=False)
-        idx = torch.cat(kept).numpy()
         return feats, idx, src
 
     def embed(self, inputs: Any, batch_size: int = 64, pooling: str | None = None,
@@ -270,22 +276,14 @@ class Encoder:
         """``(features, labels, classes)`` of a labelled folder (class = sub-folder)."""
         src = LabelledImageFolder(folder, size=self.image_size, crop_pct=float(self.config.get("crop_pct", 1.0)))
         pooling = kw.get("pooling") or self.config.get("pooling", "default")
-        amp = resolve_precision(self.precision, self.device)
-        outs, kept = [], []
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(src), desc=f"embedding {Path(folder).name}", unit="img",
-                   disable=not kw.get("progress", len(src) > 2000), leave=False)
-        with torch.no_grad():
-            for x, idx in iterate(src, batch_size=batch_size, num_workers=kw.get("num_workers"),
-                                  report=kw.get("report")):
-                with autocast(self.device, amp):
-                    outs.append(self.backbone(self._preprocess(x), pooling).float().cpu())
-                kept.append(idx)
-                bar.update(len(idx))
-        bar.close()
-        idx = torch.cat(kept).numpy()
-        return torch.cat(outs).numpy(), src.labels[idx], src.classes
+        report = kw["report"] if kw.get("report") is not None else BadFileReport()
+        feats, idx = self._forward_all(src, lambda x: self.backbone(x, pooling), batch_size, kw.get("num_workers"),
+                                       kw.get("progress", len(src) > 2000), report, f"embedding {Path(folder).name}")
+        if len(report):
+            log.warning(report.summary())
+        if not len(idx):
+            raise ValueError(f"no image in {folder} could be decoded\n{report.summary()}")
+        return feats, src.labels[idx], src.classes
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate_knn(self, train: str | os.PathLike, test: str | os.PathLike, k: int = 20,
