@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from sslfeatures import Pretrainer
-from sslfeatures.augment import Views, ViewSpec
+from sslfeatures.augment import Views
 from sslfeatures.data.demo import load_demo_arrays
 
 SIZE, BATCH = 32, 128

@@ -11,15 +11,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbones import Backbone, backbone_from_config
-from .data import (ArrayImages, BadFileReport, ImageFolder, LabelledImageFolder, iterate,
-                   list_images)
+from .data import ArrayImages, BadFileReport, ImageFolder, LabelledImageFolder, iterate
 from .data.decode import DecodeError
 from .utils import autocast, resolve_device, resolve_precision
 
@@ -110,8 +109,9 @@ class Encoder:
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path} not found: an encoder folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = cls._read_config(cfg_path)
-        if weights.suffix.lower() in PICKLE_SUFFIXES or (not weights.exists() and any(
-                (folder / f"pytorch_model{s}").exists() for s in (".bin",))):
+        if not weights.exists() and (folder / "pytorch_model.bin").exists():
+            weights = folder / "pytorch_model.bin"  # a folder that only ships a pickle
+        if weights.suffix.lower() in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise UnsafeFileError(
                     f"{weights} is a pickle-based file; sslfeatures never unpickles files by default "

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -88,6 +87,12 @@ def test_pickle_files_are_refused(encoder, tmp_path):
         Encoder.from_pretrained(tmp_path / "e" / "weights.pt")
     ok = Encoder.from_pretrained(tmp_path / "e" / "weights.pt", allow_pickle=True)
     assert ok.num_features == encoder.num_features
+    # a folder that only ships pytorch_model.bin is refused too, and loads when opted in
+    (tmp_path / "e" / "weights.pt").rename(tmp_path / "e" / "pytorch_model.bin")
+    (tmp_path / "e" / "model.safetensors").unlink()
+    with pytest.raises(UnsafeFileError, match="pytorch_model.bin"):
+        Encoder.from_pretrained(tmp_path / "e")
+    assert Encoder.from_pretrained(tmp_path / "e", allow_pickle=True).num_features == encoder.num_features
 
 
 def test_bad_config_is_a_clear_error(encoder, tmp_path):

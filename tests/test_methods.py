@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from sslfeatures import Encoder, Pretrainer, list_methods
 

@@ -7,13 +7,12 @@ into memory and batches are index slices; larger ones stream through a multi-wor
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .sources import BadFileReport, ImageSource, _collate, default_workers, load_into_memory
+from .sources import BadFileReport, ImageSource, default_workers, load_into_memory
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..data import BadFileReport, LabelledImageFolder, load_into_memory
 
 

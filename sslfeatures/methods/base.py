@@ -5,7 +5,7 @@ The engine owns the loop, devices, precision, schedules, checkpoints and distrib
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
