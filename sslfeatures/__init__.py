@@ -10,7 +10,11 @@ from .backbones import Backbone, create_backbone
 from .encoder import Encoder
 from .engine import Pretrainer, Run
 from .methods import get_method, list_methods, register
+from . import evaluate  # the public face of sslfeatures.eval: sslfeatures.evaluate.few_shot(...)
+from .index import Index  # FAISS similarity search; faiss itself is imported on first use
 
 __version__ = "0.1.0"
 __all__ = ["Pretrainer", "Run", "Encoder", "Backbone", "create_backbone", "list_methods",
            "get_method", "register", "__version__"]
+__all__ += ["evaluate"]
+__all__ += ["Index"]

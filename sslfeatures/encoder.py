@@ -22,6 +22,12 @@ from .data import ArrayImages, BadFileReport, ImageFolder, LabelledImageFolder, 
 from .data.decode import DecodeError
 from .utils import autocast, resolve_device, resolve_precision
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # downstream types; their modules are imported lazily by the methods below
+    from .eval.classifier import Classifier
+    from .eval.finetune import FinetuneResult
+
 log = logging.getLogger("sslfeatures")
 
 CONFIG_NAME = "config.json"
@@ -55,6 +61,7 @@ class Encoder:
         self.config.setdefault("format_version", FORMAT_VERSION)
         self.device = resolve_device(device)
         self.precision = precision
+        self.source_dir: Path | None = None  # the folder it was loaded from (export reads the run's metrics)
         self.backbone.to(self.device)
         if not self.backbone.is_vit:
             self.backbone.to(memory_format=torch.channels_last)
@@ -94,8 +101,16 @@ class Encoder:
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
                         allow_pickle: bool = False) -> "Encoder":
         """Load from a run/exported folder, a ``.safetensors`` file, or a hub id
-        (``"org/name"``, optionally at ``revision``; downloaded through huggingface-hub)."""
+        (``"org/name"``, optionally at ``revision``; downloaded through huggingface-hub).
+        An ``.onnx`` file, or a folder holding ``model.onnx`` + ``config.json`` and no
+        ``model.safetensors``, gives an onnxruntime-backed
+        :class:`~sslfeatures.export.OrtEncoder` with the same inference API."""
         path = Path(name_or_path)
+        if path.suffix.lower() == ".onnx" or (path.is_dir() and not (path / WEIGHTS_NAME).exists()
+                                              and (path / "model.onnx").exists()):
+            from .export.runtime import OrtEncoder
+
+            return OrtEncoder.from_pretrained(path, device=None if device is None else str(device))
         if path.exists():
             folder = path if path.is_dir() else path.parent
             weights = path if path.is_file() else folder / WEIGHTS_NAME
@@ -127,7 +142,9 @@ class Encoder:
         if missing or unexpected:
             raise ValueError(f"{weights} does not match {config['backbone']['name']}: missing "
                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
-        return cls(bb, config, device=device, precision=precision)
+        enc = cls(bb, config, device=device, precision=precision)
+        enc.source_dir = folder
+        return enc
 
     @staticmethod
     def _read_config(path: Path) -> dict[str, Any]:
@@ -172,21 +189,26 @@ class Encoder:
         atomic_write_json(folder / CONFIG_NAME, self.config)
         return folder
 
-    def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",)) -> dict[str, Path]:
-        """Export the encoder; every file written is loaded back and checked."""
-        out: dict[str, Path] = {}
-        for fmt in formats:
-            if fmt == "safetensors":
-                self.save_pretrained(folder)
-                back = Encoder.from_pretrained(folder, device="cpu")
-                mine = self.backbone.model.state_dict()
-                for k, v in back.backbone.model.state_dict().items():
-                    if not torch.equal(v.cpu(), mine[k].cpu()):
-                        raise RuntimeError(f"export check failed: {k} differs after reload")
-                out["safetensors"] = Path(folder) / WEIGHTS_NAME
-            else:
-                raise ValueError(f"unknown export format {fmt!r}; supported: 'safetensors'")
-        return out
+    def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",),
+               quantize: str | Sequence[str] | None = None, **kwargs: Any) -> dict[str, Path]:
+        """Export the encoder; every file written is loaded back and checked.
+
+        ``formats``: ``"safetensors"`` (+ ``config.json``, loadable by plain timm) and/or
+        ``"onnx"`` (parity-checked against PyTorch on real images); ``quantize``: ``"int8"``
+        (calibrated on ``calibration="folder/"``) and/or ``"fp16"`` ONNX variants. A model
+        card (``README.md``) and ``export_report.json`` are written beside them. Options:
+        :func:`sslfeatures.export.export_encoder` (``patch_tokens``, ``dynamic_size``,
+        ``knn=(train, test)``, ``data_description``, ``license``, ...)."""
+        from .export import export_encoder
+
+        return export_encoder(self, folder, formats=formats, quantize=quantize, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Export (verified, with the model card) and upload to the hub repository
+        ``repo_id`` as one commit; see :func:`sslfeatures.export.push_to_hub`."""
+        from .export import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     # -- inference ---------------------------------------------------------------------------
     def _source(self, inputs: Any) -> tuple[Any, bool]:
@@ -305,3 +327,30 @@ class Encoder:
         xtr, ytr, _ = self.embed_labelled(train, **kw)
         xte, yte, _ = self.embed_labelled(test, **kw)
         return linear_probe(xtr, ytr, xte, yte, epochs=epochs)
+
+    # -- downstream (sslfeatures.evaluate) ------------------------------------------------------
+    def fit_classifier(self, data: Any, head: str = "linear", **kw: Any) -> "Classifier":
+        """A linear or MLP head on this frozen encoder's features, with early stopping and
+        calibrated probabilities; see :meth:`sslfeatures.eval.classifier.Classifier.fit`."""
+        from .eval.classifier import Classifier
+
+        return Classifier.fit(self, data, head=head, **kw)
+
+    def finetune(self, data: Any, label_fraction: float = 1.0, **kw: Any) -> "FinetuneResult":
+        """End-to-end fine-tuning (MAE/BEiT recipe: layer-wise lr decay, drop path) on a
+        class-balanced ``label_fraction`` of ``data``; see :func:`sslfeatures.eval.finetune.finetune`."""
+        from .eval.finetune import finetune
+
+        return finetune(self, data, label_fraction=label_fraction, **kw)
+
+    # -- video (sslfeatures.video) ----------------------------------------------------------------
+    def propagate_masks(self, video: Any, first_mask: Any = None, **opts: Any) -> Any:
+        """Propagate the first frame's mask (a DAVIS palette PNG, label map or binary mask)
+        through ``video`` (a file, a folder of frames or a ``(T, H, W, 3)`` array) with
+        DINO's label propagation on this encoder's patch features; ``keypoints=(K, 2)``
+        tracks points too. Returns a :class:`~sslfeatures.video.PropagationResult`
+        (``.save(dir)``, ``.evaluate(gt_folder)``); options:
+        :func:`sslfeatures.video.propagate_masks`."""
+        from .video.propagate import propagate_masks
+
+        return propagate_masks(self, video, first_mask=first_mask, **opts)

@@ -3,11 +3,13 @@ the collapse monitor stays quiet, and the encoder comes out in the run folder.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sslfeatures import Encoder, Pretrainer, list_methods
+from sslfeatures.engine.config import load_recipe, recipe_path
 
 CNN = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 128]}, image_size=32)
 VIT = dict(backbone="vit_tiny_patch16_224", patch_size=8, image_size=32, backbone_kwargs={"depth": 2})
@@ -22,8 +24,12 @@ TINY = {
 }
 
 
-def test_every_registered_method_has_a_tiny_config_and_recipe():
-    assert set(TINY) == set(list_methods())
+def test_every_registered_method_has_a_recipe_and_a_training_test():
+    assert set(TINY) <= set(list_methods())
+    test_sources = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    for name in list_methods():
+        assert recipe_path(name).exists() and load_recipe(name)["method"] == name, f"no recipe for {name!r}"
+        assert f'"{name}"' in test_sources, f"method {name!r} is not trained by any test"
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

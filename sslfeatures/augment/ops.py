@@ -24,12 +24,18 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 
 def random_resized_crop(x: torch.Tensor, size: int | tuple[int, int], scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), hflip_p: float = 0.5) -> torch.Tensor:
+                        ratio=(3 / 4, 4 / 3), hflip_p: float = 0.5,
+                        return_params: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """torchvision's RandomResizedCrop + RandomHorizontalFlip, for a whole batch at once.
 
     Each sample gets its own crop box (area fraction in ``scale``, log-uniform aspect in
     ``ratio``, clamped inside the image) and flip; all crops are resampled to ``size`` by
     one bilinear ``grid_sample``.
+
+    With ``return_params=True`` it returns ``(crops, theta)``: ``theta`` (B, 2, 3) maps a
+    crop's normalised coordinates ``(u, v)`` in [-1, 1] (``align_corners=False``) to the
+    source image's, ``theta @ [u, v, 1]`` (flip and box included), so pixel
+    correspondences between two crops of one image can be computed (dense methods).
     """
     b, _, h, w = x.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
@@ -48,7 +54,8 @@ def random_resized_crop(x: torch.Tensor, size: int | tuple[int, int], scale=(0.0
     theta[:, 1, 2] = cy * 2 - 1
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, [b, x.shape[1], out_h, out_w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return (out, theta) if return_params else out
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

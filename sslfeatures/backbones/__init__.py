@@ -3,12 +3,16 @@
 ``create_backbone("resnet18", image_size=32, stem="small")`` gives a timm ResNet-18 whose
 7x7/2 conv + max-pool stem is replaced by a 3x3/1 conv (the CIFAR stem);
 ``stem="small_s2"`` keeps one stride-2 (4x cheaper, for 28-64 px on a CPU). ViTs take
-``patch_size`` and are built for ``image_size``. The wrapper exposes ``num_features``,
-``forward_tokens`` (patch-level features, prefix/register tokens dropped) and pooling
-(``cls``, ``mean``, ``gem``).
+``patch_size`` and are built for ``image_size``; ``registers=4`` adds learnable register
+tokens to a ViT (Darcet et al. 2024, "Vision Transformers Need Registers"). The wrapper
+exposes ``num_features``, ``forward_tokens`` (patch-level features, prefix/register tokens
+dropped) and pooling (``cls``, ``mean``, ``gem``; registers never enter a pooled output).
+``norm="gn_ws"`` (with ``norm_groups=16``) makes a CNN batch-independent: GroupNorm +
+weight-standardised convs instead of BatchNorm (BYOL's variant without batch statistics).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import timm
@@ -17,6 +21,37 @@ import torch.nn as nn
 
 POOLINGS = ("default", "cls", "mean", "gem")
 STEMS = ("default", "small", "small_s2")
+NORMS = ("default", "gn_ws")
+
+
+def _to_gn_ws(module: nn.Module, groups: int) -> int:
+    """Swap, in place, every ``BatchNorm2d`` for a ``GroupNorm`` and every ``Conv2d`` for a
+    weight-standardised conv (timm's ``StdConv2d``; Qiao et al. 2019), keeping their
+    initial weights: the batch-independent normalisation of Richemond et al. 2020, "BYOL
+    works even without batch statistics". A layer with C channels gets ``gcd(groups, C)``
+    groups. Returns the number of BatchNorm layers replaced."""
+    from timm.layers import StdConv2d
+
+    replaced = 0
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            gn = nn.GroupNorm(math.gcd(groups, child.num_features), child.num_features, eps=child.eps,
+                              affine=child.affine)
+            if child.affine:  # keeps e.g. timm's zero-initialised last norm of each residual block
+                gn.weight.data.copy_(child.weight.data)
+                gn.bias.data.copy_(child.bias.data)
+            setattr(module, child_name, gn)
+            replaced += 1
+        elif type(child) is nn.Conv2d:
+            ws = StdConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                           child.padding, child.dilation, child.groups, bias=child.bias is not None)
+            ws.weight.data.copy_(child.weight.data)
+            if child.bias is not None:
+                ws.bias.data.copy_(child.bias.data)
+            setattr(module, child_name, ws)
+        else:
+            replaced += _to_gn_ws(child, groups)
+    return replaced
 
 
 def _adapt_stem(model: nn.Module, stem: str, name: str) -> None:
@@ -37,12 +72,37 @@ def _adapt_stem(model: nn.Module, stem: str, name: str) -> None:
         "stem (for ViTs pass patch_size for small images)")
 
 
+def _create_with_registers(name: str, registers: int, in_chans: int, kwargs: dict[str, Any],
+                           is_vit: bool) -> nn.Module:
+    """A timm ViT with ``registers`` extra learnable tokens (timm's ``reg_tokens``, or
+    ``num_reg_tokens`` for EVA); timm counts them in ``num_prefix_tokens``, so patch tokens
+    and every pooling skip them."""
+    if isinstance(registers, bool) or not isinstance(registers, int) or registers < 0:
+        raise ValueError(f"registers must be a non-negative integer, got {registers!r}")
+    if not is_vit:
+        raise ValueError(f"registers={registers} needs a ViT backbone; {name!r} has no token sequence")
+    if "reg_tokens" in kwargs or "num_reg_tokens" in kwargs:
+        raise ValueError("give the number of register tokens once: registers=N, not also timm's reg_tokens")
+    for key in ("reg_tokens", "num_reg_tokens"):
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
+                                      **{key: registers}, **kwargs)
+        except TypeError as e:
+            if key in str(e):
+                continue
+            raise
+        reg = getattr(model, "reg_token", None)
+        if reg is not None and reg.shape[1] == registers:
+            return model
+    raise ValueError(f"backbone {name!r} does not support register tokens")
+
+
 class Backbone(nn.Module):
     """A timm model with its classifier removed, plus pooling and patch-token access."""
 
     def __init__(self, name: str, image_size: int = 224, stem: str = "default",
                  patch_size: int | None = None, pooling: str = "default", in_chans: int = 3,
-                 **timm_kwargs: Any):
+                 registers: int = 0, norm: str = "default", norm_groups: int = 16, **timm_kwargs: Any):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
@@ -58,8 +118,19 @@ class Backbone(nn.Module):
         if self.is_vit:
             kwargs.setdefault("img_size", image_size)
             kwargs.setdefault("dynamic_img_size", True)
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        if registers:
+            model = _create_with_registers(name, registers, in_chans, kwargs, self.is_vit)
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
         _adapt_stem(model, stem, name)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+        if norm == "gn_ws":
+            if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1:
+                raise ValueError(f"norm_groups must be a positive integer, got {norm_groups!r}")
+            if _to_gn_ws(model, norm_groups) == 0:
+                raise ValueError(f"norm='gn_ws' replaces BatchNorm layers and {name!r} has none "
+                                 "(it already uses no batch statistics)")
         self.model = model
         self.name = name
         self.num_features = int(model.num_features)
@@ -67,7 +138,9 @@ class Backbone(nn.Module):
         self.patch_size = int(model.patch_embed.patch_size[0]) if hasattr(model, "patch_embed") else None
         self.pooling = pooling
         self.config = dict(name=name, image_size=image_size, stem=stem, patch_size=patch_size,
-                           pooling=pooling, in_chans=in_chans, timm_kwargs=dict(timm_kwargs))
+                           pooling=pooling, in_chans=in_chans, registers=int(registers),
+                           **({"norm": norm, "norm_groups": norm_groups} if norm != "default" else {}),
+                           timm_kwargs=dict(timm_kwargs))
 
     # -- features ---------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +183,10 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> Backbone
 
 def backbone_from_config(cfg: dict[str, Any]) -> Backbone:
     cfg = dict(cfg)
+    if cfg.get("kind") is not None:  # a Lab-input or two-trunk (split-brain) backbone, see backbones/lab.py
+        from .lab import backbone_kind
+
+        return backbone_kind(cfg["kind"]).from_config(cfg)
     timm_kwargs = cfg.pop("timm_kwargs", {}) or {}
     return Backbone(**cfg, **timm_kwargs)
 

@@ -24,4 +24,7 @@ def collapse_stats(emb: torch.Tensor) -> dict[str, float]:
 
 
 def is_collapsed(stats: dict[str, float], min_std: float = 0.01, min_rank: float = 1.5) -> bool:
-    return stats["norm_std"] < min_std or stats["eff_rank"] < min_rank
+    """True when the backbone's embeddings, or the method's head embeddings (``head_*``
+    keys, when the method exposes them), have collapsed."""
+    return any(stats[f"{p}norm_std"] < min_std or stats[f"{p}eff_rank"] < min_rank
+               for p in ("", "head_") if f"{p}norm_std" in stats)

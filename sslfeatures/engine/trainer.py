@@ -105,6 +105,13 @@ class Pretrainer:
         return d
 
     def _source(self, data: Any, size: int):
+        make_source = getattr(self.method_cls, "make_source", None)
+        if make_source is not None:  # a method with its own data (video clips); its source names its stream_class
+            return make_source(data, size, self.method_cfg)
+        if getattr(self.method_cls, "needs_text", False):  # image-text methods train on captioned images
+            from ..data.pairs import ImageTextPairs
+
+            return ImageTextPairs(data, size=size)
         if isinstance(data, (str, os.PathLike)):
             return ImageFolder(data, size=size)
         return ArrayImages(data, size=size)
@@ -142,9 +149,10 @@ class Pretrainer:
         load_size = max(spec.out_size(cfg.image_size) for spec in self.views.specs)
         source = self._source(data, load_size)
         report = BadFileReport()
-        stream = TrainStream(source, cfg.batch_size, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
-                             num_workers=cfg.num_workers, report=report, rank=dist.rank(),
-                             world_size=dist.world_size(), progress=cfg.progress and main)
+        stream_cls = getattr(source, "stream_class", TrainStream)  # e.g. PairStream for captioned images
+        stream = stream_cls(source, cfg.batch_size, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
+                            num_workers=cfg.num_workers, report=report, rank=dist.rank(),
+                            world_size=dist.world_size(), progress=cfg.progress and main)
 
         torch.manual_seed(cfg.seed)
         method = self.build().to(device)
@@ -156,7 +164,8 @@ class Pretrainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 method, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False)
-        groups = param_groups(method.trainable_modules(), cfg.weight_decay)
+        make_groups = getattr(method, "param_groups", None)  # a method may scale a module's lr (a GAN's discriminator)
+        groups = make_groups(cfg.weight_decay) if make_groups else param_groups(method.trainable_modules(), cfg.weight_decay)
         global_batch = cfg.batch_size * dist.world_size()
         peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
         optimizer = build_optimizer(cfg.optimizer, groups, peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
@@ -196,15 +205,19 @@ class Pretrainer:
                 wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine(
                     info.progress, cfg.weight_decay, cfg.weight_decay_end)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                     if g.get("apply_wd", True):
                         g["weight_decay"] = wd
+                extras: dict[str, Any] = {}
+                if isinstance(batch, dict):  # a source with more than images (captions): the rest goes to the method
+                    extras = {k: v for k, v in batch.items() if k != "images"}
+                    batch = batch["images"]
                 batch = batch.to(device, non_blocking=True)
                 views = method.views(batch, cfg.image_size)
                 if cfg.channels_last and cnn:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 with autocast(device, amp_dtype):
-                    outs = model(views, info)
+                    outs = model(views, info, **extras)
                 loss = outs["loss"]
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
@@ -236,9 +249,8 @@ class Pretrainer:
                         stats = _monitor(method, probe, device, cfg, amp_dtype)
                         metrics.append({"step": step, "epoch": round(step / spe, 4), **stats})
                         if is_collapsed(stats):
-                            log.warning("representation collapse at step %d: norm_std=%.4f eff_rank=%.2f "
-                                        "(all images map to nearly the same embedding)", step,
-                                        stats["norm_std"], stats["eff_rank"])
+                            log.warning("representation collapse at step %d: %s (all images map to nearly the "
+                                        "same embedding)", step, ", ".join(f"{k}={v:.4f}" for k, v in stats.items()))
                     save_checkpoint(ckdir, step, method, optimizer,
                                     {"epoch": epoch, "method": cfg.method, "total_steps": total})
                     _write_metrics(out, metrics)
@@ -251,6 +263,8 @@ class Pretrainer:
 
             enc = Encoder(method.encoder_backbone(), _encoder_config(cfg, method))
             enc.save_pretrained(out)
+            if hasattr(method, "save_artifacts"):  # what a method ships besides the encoder (CLIP's text tower)
+                method.save_artifacts(out)
             report.write(out / "bad_files.txt")
             if len(report):
                 log.warning(report.summary())
@@ -267,7 +281,8 @@ def _encoder_config(cfg: TrainConfig, method) -> dict[str, Any]:
 def _probe_batch(stream: TrainStream, n: int) -> torch.Tensor:
     if stream.memory is not None:
         return stream.memory[: min(n, len(stream.memory))]
-    return next(iter(stream.epoch(0)))
+    batch = next(iter(stream.epoch(0)))
+    return batch["images"] if isinstance(batch, dict) else batch
 
 
 @torch.no_grad()
@@ -275,9 +290,12 @@ def _monitor(method, probe: torch.Tensor, device, cfg: TrainConfig, amp_dtype) -
     from ..augment.ops import normalize
 
     bb = method.encoder_backbone()
-    was = bb.training
-    bb.eval()
-    embs = []
+    # a method may also expose the embedding its loss acts on (SimSiam's projection): it can
+    # collapse while the backbone's features still look spread; watched as head_norm_std / head_eff_rank
+    head = getattr(method, "monitor_features", None)
+    was, method_was = bb.training, method.training
+    (method if head is not None else bb).eval()
+    embs, heads = [], []
     for chunk in probe.split(256):
         x = chunk.to(device).float().div(255)
         if x.shape[-1] != cfg.image_size:
@@ -285,8 +303,15 @@ def _monitor(method, probe: torch.Tensor, device, cfg: TrainConfig, amp_dtype) -
         x = normalize(x, cfg.mean, cfg.std)
         with autocast(device, amp_dtype):
             embs.append(bb(x).float())
+            if head is not None:
+                heads.append(head(x).float())
+    if head is not None:
+        method.train(method_was)
     bb.train(was)
-    return collapse_stats(torch.cat(embs))
+    stats = collapse_stats(torch.cat(embs))
+    if heads:
+        stats.update({f"head_{k}": v for k, v in collapse_stats(torch.cat(heads)).items()})
+    return stats
 
 
 def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:

@@ -1,6 +1,12 @@
 """BYOL — Grill et al. 2020, "Bootstrap Your Own Latent". The online network (encoder,
 projector, predictor) predicts an EMA target network's projection of another view;
 symmetric ``2 - 2 cos`` loss; target momentum follows a cosine from 0.996 to 1.
+
+Without batch statistics (Richemond et al. 2020, "BYOL works even without batch
+statistics"): ``head_bn=False`` drops BatchNorm from the projector and predictor, and the
+backbone option ``norm="gn_ws"`` swaps its BatchNorm for GroupNorm + weight
+standardisation; ``recipes/byol_gn_ws.yaml`` sets both (``Pretrainer("byol",
+recipe="byol_gn_ws")``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ class BYOLConfig(MethodConfig):
     pred_hidden_dim: int = 4096
     momentum_start: float = 0.996
     momentum_end: float = 1.0
+    head_bn: bool = True
 
 
 @register("byol")
@@ -32,8 +39,9 @@ class BYOL(Method):
 
     def __init__(self, backbone, cfg: BYOLConfig, views):
         super().__init__(backbone, cfg, views)
-        self.online = nn.Sequential(backbone, mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim))
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        self.online = nn.Sequential(backbone, mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim,
+                                                  bn=cfg.head_bn))
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, bn=cfg.head_bn)
         self.target = EMA(self.online)
 
     def training_step(self, views, info):

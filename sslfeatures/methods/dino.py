@@ -67,7 +67,9 @@ class DINO(Method):
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
 
     def training_step(self, views, info):
-        n_global = self.views.specs[0].count
+        # global crops are the leading views at full size (they may come from several specs,
+        # e.g. the paper's two global crops with different blur/solarize); the rest are local
+        n_global = next((i for i, v in enumerate(views) if v.shape[-2:] != views[0].shape[-2:]), len(views))
         with torch.no_grad():
             teacher_out = self.teacher(views[:n_global])
         student_out = self.student(views)

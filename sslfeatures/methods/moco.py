@@ -1,6 +1,13 @@
-"""MoCo v2 — Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
-Learning" (on MoCo, He et al. 2019). A query encoder, a momentum (EMA) key encoder, an
-MLP head, and InfoNCE against a FIFO queue of past keys as negatives.
+"""MoCo v1 and v2: a query encoder, a momentum (EMA) key encoder, and InfoNCE against a
+FIFO queue of past keys as negatives.
+
+- ``mocov1`` — He, Fan, Wu, Xie, Girshick 2020, "Momentum Contrast for Unsupervised Visual
+  Representation Learning": a linear head to 128-d, temperature 0.07.
+- ``mocov2`` — Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
+  Learning": a 2-layer MLP head, temperature 0.2, stronger augmentations (blur).
+
+Not implemented: MoCo's shuffling BN (keys computed with the batch shuffled across GPUs so
+that BatchNorm statistics cannot leak which key belongs to which query).
 """
 from __future__ import annotations
 
@@ -34,11 +41,14 @@ class MoCoV2(Method):
 
     def __init__(self, backbone, cfg: MoCoConfig, views):
         super().__init__(backbone, cfg, views)
-        self.query = nn.Sequential(backbone, mlp(backbone.num_features, cfg.proj_hidden_dim,
-                                                 cfg.proj_dim, bn=False))
+        self.query = nn.Sequential(backbone, self.build_head(backbone.num_features, cfg))
         self.key = EMA(self.query)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def build_head(self, in_dim: int, cfg) -> nn.Module:
+        """MoCo v2's projection head: Linear-ReLU-Linear (no BatchNorm)."""
+        return mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, bn=False)
 
     def training_step(self, views, info):
         x1, x2 = views
@@ -65,3 +75,24 @@ class MoCoV2(Method):
         idx = (torch.arange(n, device=keys.device) + ptr) % size
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + n) % size)
+
+
+@dataclass
+class MoCoV1Config(MethodConfig):
+    temperature: float = 0.07
+    queue_size: int = 65536
+    ema_momentum: float = 0.999
+    proj_dim: int = 128
+    symmetric: bool = False
+
+
+@register("mocov1")
+class MoCoV1(MoCoV2):
+    """MoCo v1: as v2 but the backbone's pooled features go through one linear layer
+    (the ResNet's ``fc`` resized to ``proj_dim``), and the paper's temperature 0.07."""
+
+    paper = "He et al. 2020, Momentum Contrast for Unsupervised Visual Representation Learning (MoCo v1)"
+    Config = MoCoV1Config
+
+    def build_head(self, in_dim: int, cfg: MoCoV1Config) -> nn.Module:
+        return nn.Linear(in_dim, cfg.proj_dim)
