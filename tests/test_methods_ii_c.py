@@ -60,8 +60,8 @@ def test_cpc_loss_falls(tiny_images, tmp_path):
     cfg = dict(CNN, backbone_kwargs={"channels": [16, 32, 64, 128], "norm_layer": "groupnorm1"},
                grid_size=3, min_offset=1, max_offset=2, context_hidden=32, context_layers=1, directions=2,
                lr=3e-3)
-    run = Pretrainer("cpc", **cfg).fit(tiny_images, output_dir=tmp_path / "cpc", max_steps=16)
-    _check_run(run, tiny_images, 16)
+    run = Pretrainer("cpc", **cfg).fit(tiny_images, output_dir=tmp_path / "cpc", max_steps=12)
+    _check_run(run, tiny_images, 12)
 
 
 def test_cpc_offset_pairs_point_k_rows_down():
@@ -168,8 +168,8 @@ def test_dense_info_nce_ignores_points_without_a_correspondence():
 def test_dense_contrastive_loss_falls(tiny_images, tmp_path):
     cfg = dict(CNN, stem="small", backbone_kwargs={"channels": [16, 32, 64, 128]}, proj_hidden_dim=64,
                proj_dim=32, points_per_image=16, lr=0.3, temperature=0.2)
-    run = Pretrainer("dense_contrastive", **cfg).fit(tiny_images, output_dir=tmp_path / "dense", max_steps=16)
-    _check_run(run, tiny_images, 16)
+    run = Pretrainer("dense_contrastive", **cfg).fit(tiny_images, output_dir=tmp_path / "dense", max_steps=12)
+    _check_run(run, tiny_images, 12)
     matched = [m["matched"] for m in run.metrics if "matched" in m]
     assert 0.1 < np.mean(matched) <= 1.0
 
@@ -189,8 +189,8 @@ def test_clip_retrieval_improves_and_the_text_tower_ships(captioned, tiny_images
     cfg = dict(CNN, backbone_kwargs={"channels": [16, 32, 64, 128]}, embed_dim=32, text_width=64, text_layers=2,
                text_heads=4, lr=2e-3, views=[{"scale": [0.5, 1.0], "hflip": 0.0, "count": 1}])
     before = Pretrainer("clip", **cfg).fit(captioned, output_dir=tmp_path / "init", max_steps=0)
-    run = Pretrainer("clip", **cfg).fit(captioned, output_dir=tmp_path / "clip", max_steps=30)
-    _check_run(run, captioned, 30)
+    run = Pretrainer("clip", **cfg).fit(captioned, output_dir=tmp_path / "clip", max_steps=24)
+    _check_run(run, captioned, 24)
     acc0, acc = _retrieval(before.output_dir, captioned), _retrieval(run.output_dir, captioned)
     assert acc >= 0.6 and acc > acc0 + 0.25, (acc0, acc)
     scales = [m["logit_scale"] for m in run.metrics if "logit_scale" in m]
