@@ -186,7 +186,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a pre-trained run/exported encoder folder (default: pre-train SimCLR here)")
-    ap.add_argument("--epochs", type=float, default=2, help="SimCLR epochs on the 10k demo images when no --run")
+    ap.add_argument("--epochs", type=int, default=2, help="SimCLR epochs on the 10k demo images when no --run")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"], choices=["flat", "hnsw", "ivfpq"])
     ap.add_argument("--queries", type=int, default=1000)

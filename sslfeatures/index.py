@@ -52,9 +52,10 @@ import os
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -406,7 +407,8 @@ class Index:
         else:
             store = self._refine_base()
             if not store.is_trained:
-                store.train(self._sample(x))
+                with _blas_for_training(faiss):
+                    store.train(self._sample(x))
             refined = faiss.IndexRefine(self._train_ivfpq(x), store)
             refined.k_factor = float(p.k_factor)
             self._faiss_index = faiss.IndexIDMap2(refined)
@@ -443,7 +445,8 @@ class Index:
         ivf.pq.cp.seed = p.seed
         sample = self._sample(x)
         t0 = time.perf_counter()
-        ivf.train(sample)
+        with _blas_for_training(faiss):
+            ivf.train(sample)
         ivf.nprobe = min(p.nprobe, p.nlist)
         log.info("trained IVF%d,PQ%dx%d on %d vectors in %.1fs", p.nlist, p.pq_m, p.nbits, len(sample),
                  time.perf_counter() - t0)
@@ -995,6 +998,19 @@ class Index:
         from .encoder import Encoder
 
         self.attach_encoder(Encoder.from_pretrained(found), check=check)
+
+
+@contextmanager
+def _blas_for_training(faiss: Any) -> Iterator[None]:
+    """Let k-means use BLAS while training. Recent FAISS only switches to BLAS when
+    ``n * d >= 128000``, which the 2-4-dimensional PQ sub-spaces never reach: PQ128 training
+    on 40k vectors took 194 CPU-s instead of 12. The global is restored afterwards."""
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 20  # FAISS's long-standing default (a query count)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
 
 
 def _jsonable(v: Any) -> bool:
