@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -58,6 +57,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from .utils import atomic_writer
 
 log = logging.getLogger("sslfeatures.index")
 
@@ -903,24 +904,14 @@ class Index:
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; an index is saved as one file, e.g. {path / 'photos.index'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                    zf.writestr("meta.json", json.dumps(self._meta(), indent=2, sort_keys=True))
-                    entries = [[i, self._paths[i]] for i in sorted(self._paths)]
-                    zf.writestr("entries.json", json.dumps(entries, ensure_ascii=False))
-                    zf.writestr("hidden.json", json.dumps(sorted(self._hidden)))
-                    if self._faiss_index is not None:
-                        _write_faiss(zf, "index.faiss", self._faiss_index)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_writer(path) as fh:  # streamed: the index is never held twice in memory
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.writestr("meta.json", json.dumps(self._meta(), indent=2, sort_keys=True))
+                entries = [[i, self._paths[i]] for i in sorted(self._paths)]
+                zf.writestr("entries.json", json.dumps(entries, ensure_ascii=False))
+                zf.writestr("hidden.json", json.dumps(sorted(self._hidden)))
+                if self._faiss_index is not None:
+                    _write_faiss(zf, "index.faiss", self._faiss_index)
         _fsync_dir(path.parent)
         return path
 

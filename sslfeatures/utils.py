@@ -70,14 +70,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder + ``os.replace``."""
+@contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[Any]:
+    """Open a binary temp file in ``path``'s folder; on a clean exit it is fsynced and
+    ``os.replace``d over ``path``, on an error removed (``path`` keeps its old content)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -85,6 +87,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder + ``os.replace``."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
