@@ -19,7 +19,7 @@ CNN = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [1
 VIT = dict(backbone="vit_tiny_patch16_224", patch_size=8, image_size=32, backbone_kwargs={"depth": 2})
 # tiny images and backbone: SimSiam without stop-gradient needs ~50 steps to collapse
 SIMSIAM = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [8, 16, 32, 64]}, image_size=16,
-               proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=16, lr=1.0)
+               proj_hidden_dim=64, proj_dim=64, pred_hidden_dim=16, lr=1.0)
 # name -> (method, recipe, overrides); SimSiam's run is test_simsiam_collapses_without_stop_gradient[True]
 TINY: dict[str, tuple[str, str | None, dict]] = {
     "mocov1": ("mocov1", None, dict(CNN, queue_size=16, lr=0.1, ema_momentum=0.9, temperature=0.2)),
