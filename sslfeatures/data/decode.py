@@ -7,7 +7,9 @@ with the reason, so callers can skip the file and report it.
 """
 from __future__ import annotations
 
+import errno
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,30 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` made safe to print on one line: bytes that are not UTF-8 become ``\\xNN``
+    escapes, control characters (a newline in a file name) their backslash escapes."""
+    s = os.fsdecode(path)
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif not ch.isprintable():
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class DecodeError(RuntimeError):
     """A file that could not be decoded as an image; ``str(err)`` says why."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{display_path(self.path)}: {reason}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -81,8 +100,18 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         size = path.stat().st_size if path.exists() else 0
         reason = "empty file" if size == 0 else "not a recognised image format"
         raise DecodeError(path, reason) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DecodeError(path, "symlink loop (the link points, through other links, back at itself)") from None
+        if exc.errno == errno.EACCES:
+            raise DecodeError(path, "permission denied") from None
+        if exc.errno is not None:  # an I/O error (EIO, ENAMETOOLONG, ...), not bad pixels
+            raise DecodeError(path, f"cannot read the file ({exc.strerror})") from None
         raise DecodeError(path, f"corrupt or truncated image ({exc})") from None
+    except (SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
+        raise DecodeError(path, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a Pillow plugin tripping over crafted bytes must not stop a run
+        raise DecodeError(path, f"could not decode ({type(exc).__name__}: {exc})") from None
 
 
 def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:

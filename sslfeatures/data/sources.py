@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import IMAGE_EXTENSIONS, DecodeError, load_pil, pil_to_tensor, resize_center_crop, to_uint8_image
+from .decode import (IMAGE_EXTENSIONS, DecodeError, display_path, load_pil, pil_to_tensor, resize_center_crop,
+                     to_uint8_image)
 
 log = logging.getLogger("sslfeatures.data")
 
@@ -60,30 +61,46 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
 
 @dataclass
 class BadFileReport:
-    """Files skipped because they could not be decoded. Each file is logged once."""
+    """Files skipped because they could not be decoded: each is logged once, on one line
+    naming the file and the reason, and :meth:`summary` lists them all at the end.
+
+    ``strict=True`` turns the first bad file into a :class:`DecodeError` instead (fail
+    fast: nothing is skipped silently).
+    """
 
     entries: dict[str, str] = field(default_factory=dict)
+    strict: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, path: str, reason: str) -> None:
+        """Record ``path`` as skipped for ``reason`` (or raise it, in strict mode)."""
+        reason = " ".join(str(reason).split())  # one line, whatever the decoder said
         with self._lock:
             if path in self.entries:
                 return
             self.entries[path] = reason
-        log.warning("skipping unreadable image %s: %s", path, reason)
+        if self.strict:
+            raise DecodeError(path, f"{reason} (strict mode: fix or remove the file, or turn strict off to "
+                                    "skip unreadable files)")
+        log.warning("skipping unreadable image %s: %s", display_path(path), reason)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def summary(self) -> str:
+        """One line per skipped file under a count, or ``"all images decoded"``."""
         if not self.entries:
             return "all images decoded"
         lines = [f"{len(self.entries)} file(s) skipped:"]
-        lines += [f"  {p}: {r}" for p, r in sorted(self.entries.items())]
+        lines += [f"  {display_path(p)}: {r}" for p, r in sorted(self.entries.items())]
         return "\n".join(lines)
 
     def write(self, path: str | os.PathLike) -> None:
-        Path(path).write_text("".join(f"{p}\t{r}\n" for p, r in sorted(self.entries.items())))
+        """``path\treason`` lines (paths escaped as in the log), written atomically."""
+        from ..utils import atomic_write_bytes
+
+        text = "".join(f"{display_path(p)}\t{r}\n" for p, r in sorted(self.entries.items()))
+        atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class ImageSource(Dataset):
