@@ -83,7 +83,9 @@ def _cmd_embed(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, feats)
-    out.with_suffix(".paths.txt").write_text("".join(f"{p}\n" for p in paths))
+    import os  # file names are written back as the bytes they are on disk (not every name is UTF-8)
+
+    out.with_suffix(".paths.txt").write_bytes(b"".join(os.fsencode(p) + b"\n" for p in paths))
     print(f"wrote {out} {feats.shape} and {out.with_suffix('.paths.txt')}")
     return 0
 
@@ -545,8 +547,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ArithmeticError, RuntimeError) as exc:
+        # expected failures (missing/unreadable files, bad config, a full disk, a non-finite loss, an
+        # undecodable video in strict use) end with one line naming the cause, not a traceback
+        if args.verbose:
+            raise
+        from .data.decode import DecodeError
+
+        hint = " (run with -v for the traceback)" if type(exc) is RuntimeError or not isinstance(
+            exc, (OSError, ValueError, TypeError, ArithmeticError, DecodeError)) else ""
+        print(f"error: {' '.join(str(exc).splitlines())}{hint}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +36,68 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FORMAT_VERSION = 1
 
 
+# config.json: every key an encoder folder may hold (sslfeatures' own + timm's export keys), with its type
+CONFIG_SCHEMA: dict[str, tuple[Any, bool]] = {  # key -> (type, required)
+    "backbone": (dict, True), "image_size": (int, True), "mean": (tuple[float, float, float], True),
+    "std": (tuple[float, float, float], True), "crop_pct": (float, False), "pooling": (str, False),
+    "method": (Optional[str], False), "paper": (Optional[str], False), "format_version": (int, False),
+    "num_features": (int, False), "license": (Optional[str], False), "onnx": (dict, False),
+    # written by Encoder.export for timm's loaders
+    "architecture": (str, False), "num_classes": (int, False), "model_args": (dict, False),
+    "pretrained_cfg": (dict, False),
+}
+BACKBONE_SCHEMA: dict[str, tuple[Any, bool]] = {
+    "name": (str, True), "image_size": (int, False), "stem": (str, False), "patch_size": (Optional[int], False),
+    "pooling": (str, False), "in_chans": (int, False), "registers": (int, False), "timm_kwargs": (dict, False),
+    "kind": (Optional[str], False),
+}
+
+
+def _check_schema(cfg: dict[str, Any], schema: dict[str, tuple[Any, bool]], where: str, allow_unknown: bool) -> None:
+    from .config import ConfigError, _check, _fmt
+
+    for key, (typ, required) in schema.items():
+        if key not in cfg:
+            if required:
+                raise ConfigError(f"{where}: missing key {key!r} (expected {_fmt(typ)})")
+            continue
+        try:
+            _check(cfg[key], typ, key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {key!r} should be {_fmt(typ)}, got {cfg[key]!r} ({e})") from None
+    unknown = sorted(set(cfg) - set(schema))
+    if unknown and not allow_unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; an encoder config.json holds only "
+                          f"{sorted(schema)} (was it written by another tool or edited by hand?)")
+
+
+def validate_config(cfg: Any, where: str = "config.json") -> None:
+    """Check an encoder ``config.json`` against :data:`CONFIG_SCHEMA`: a missing or unknown
+    key, or a value of the wrong type, raises :class:`~sslfeatures.config.ConfigError`
+    (a ``ValueError``) saying what was expected."""
+    from .config import ConfigError
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    _check_schema(cfg, CONFIG_SCHEMA, where, allow_unknown=False)
+    bb = cfg["backbone"]
+    # a Lab / two-trunk backbone ("kind") carries its own extra keys, checked by its from_config
+    _check_schema(bb, BACKBONE_SCHEMA, f"{where}: backbone", allow_unknown=bb.get("kind") is not None)
+    if cfg["image_size"] < 1:
+        raise ConfigError(f"{where}: image_size must be a positive integer, got {cfg['image_size']}")
+    if not 0 < float(cfg.get("crop_pct", 1.0)) <= 1:
+        raise ConfigError(f"{where}: crop_pct must be in (0, 1], got {cfg['crop_pct']}")
+    if any(float(v) <= 0 for v in cfg["std"]):
+        raise ConfigError(f"{where}: std values must be > 0, got {cfg['std']}")
+
+
 class UnsafeFileError(ValueError):
     """A pickle-based weights file was refused (pass ``allow_pickle=True`` to opt in)."""
+
+
+def _is_commit(revision: str) -> bool:
+    """A full 40-hex-digit commit id (branches and tags can move; a commit cannot)."""
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision.lower())
 
 
 def _is_hub_id(s: str) -> bool:
@@ -62,6 +122,7 @@ class Encoder:
         self.device = resolve_device(device)
         self.precision = precision
         self.source_dir: Path | None = None  # the folder it was loaded from (export reads the run's metrics)
+        self.hub_revision: str | None = None  # the commit a hub download resolved to (pin it with revision=)
         self.backbone.to(self.device)
         if not self.backbone.is_vit:
             self.backbone.to(memory_format=torch.channels_last)
@@ -106,6 +167,7 @@ class Encoder:
         ``model.safetensors``, gives an onnxruntime-backed
         :class:`~sslfeatures.export.OrtEncoder` with the same inference API."""
         path = Path(name_or_path)
+        hub_commit: str | None = None
         if path.suffix.lower() == ".onnx" or (path.is_dir() and not (path / WEIGHTS_NAME).exists()
                                               and (path / "model.onnx").exists()):
             from .export.runtime import OrtEncoder
@@ -117,6 +179,7 @@ class Encoder:
         elif isinstance(name_or_path, str) and _is_hub_id(name_or_path):
             folder = cls._download(name_or_path, revision, cache_dir, local_files_only)
             weights = folder / WEIGHTS_NAME
+            hub_commit = folder.name  # snapshot folders are named by their commit
         else:
             raise FileNotFoundError(
                 f"{name_or_path!s} is neither an existing file/folder nor a hub id of the form 'org/name'")
@@ -144,6 +207,7 @@ class Encoder:
                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
         enc = cls(bb, config, device=device, precision=precision)
         enc.source_dir = folder
+        enc.hub_revision = hub_commit
         return enc
 
     @staticmethod
@@ -152,15 +216,7 @@ class Encoder:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        for key, typ in (("backbone", dict), ("image_size", int), ("mean", list), ("std", list)):
-            if key not in cfg:
-                raise ValueError(f"{path}: missing key {key!r}")
-            if not isinstance(cfg[key], typ):
-                raise ValueError(f"{path}: {key!r} should be {typ.__name__}, got {type(cfg[key]).__name__}")
-        if "name" not in cfg["backbone"]:
-            raise ValueError(f"{path}: backbone.name missing")
+        validate_config(cfg, str(path))
         return cfg
 
     @staticmethod
@@ -171,9 +227,15 @@ class Encoder:
             raise ImportError("loading from a hub id needs huggingface-hub: pip install huggingface-hub") from None
         if local_files_only is None:
             local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        p = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
-        return Path(p)
+        p = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                   allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]))
+        if revision is None or not _is_commit(revision):
+            # a branch or tag can move: what loads today may differ tomorrow. Say which commit this was.
+            log.warning("%s was loaded at %s, which resolved to commit %s; pin it with "
+                        "Encoder.from_pretrained(%r, revision=%r) so a later push cannot change what you load",
+                        repo_id, f"revision {revision!r}" if revision else "its default branch", p.name, repo_id,
+                        p.name)
+        return p
 
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -256,7 +318,7 @@ class Encoder:
     def _run(self, inputs: Any, fn, batch_size: int, num_workers: int | None, progress: bool | None,
              strict: bool, report: BadFileReport | None):
         src, is_folder = self._source(inputs)
-        report = report if report is not None else BadFileReport()
+        report = report if report is not None else BadFileReport(strict=strict and is_folder)  # strict: fail fast
         feats, idx = self._forward_all(src, fn, batch_size, num_workers, progress, report)
         n_bad = len(report)
         if n_bad and (strict or not is_folder):

@@ -190,9 +190,12 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _call_embed(encoder: Any, items: list, batch_size: int) -> np.ndarray:
-    """``encoder.embed(items)`` for any object with the Encoder interface (torch or ORT)."""
+def _call_embed(encoder: Any, items: list, batch_size: int, report: Any = None) -> np.ndarray:
+    """``encoder.embed(items)`` for any object with the Encoder interface (torch or ORT);
+    ``report`` (a BadFileReport) is passed on when ``embed`` takes one."""
     kw: dict[str, Any] = {}
+    if report is not None and _accepts(encoder.embed, "report"):
+        kw["report"] = report
     if _accepts(encoder.embed, "batch_size"):
         kw["batch_size"] = batch_size
     if _accepts(encoder.embed, "progress"):
@@ -265,7 +268,7 @@ class Index:
     def build(cls, encoder: Any, data: str | os.PathLike | Sequence[str | os.PathLike], *,
               kind: str = "auto", metric: str = "cosine", batch_size: int = 64,
               progress: bool | None = None, target_recall: float | None = 0.95,
-              encoder_path: str | os.PathLike | None = None, **params: Any) -> "Index":
+              encoder_path: str | os.PathLike | None = None, strict: bool = False, **params: Any) -> "Index":
         """Embed every image of ``data`` (a folder, searched recursively, or image paths) with
         ``encoder`` and index the embeddings.
 
@@ -273,8 +276,9 @@ class Index:
         and ``config``, e.g. the ONNX-runtime encoder), or a path/hub id to load one from;
         its folder is recorded so :meth:`load` can reload it (pass ``encoder_path`` when it
         cannot be inferred). ``kind``: ``"auto"``, ``"flat"``, ``"hnsw"`` or ``"ivfpq"``;
-        ``params``: any :class:`IndexParams` field. Unreadable images are skipped with a
-        warning. ``target_recall`` tunes the search parameters of approximate kinds
+        ``params``: any :class:`IndexParams` field. Unreadable images are skipped, each
+        with one warning line, and summarised at the end (``strict=True``: the first one
+        raises :class:`~sslfeatures.data.DecodeError` instead). ``target_recall`` tunes the search parameters of approximate kinds
         (``None``: keep the given ones).
         """
         IndexParams.from_kwargs(params)  # fail on a bad parameter before the (long) embedding
@@ -283,7 +287,7 @@ class Index:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
         encoder, ref = cls._resolve_encoder(encoder, encoder_path)
-        paths, x = _embed_inputs(encoder, data, batch_size, progress)
+        paths, x = _embed_inputs(encoder, data, batch_size, progress, strict=strict)
         index = cls.from_vectors(x, paths, kind=kind, metric=metric, target_recall=target_recall,
                                  encoder=encoder, encoder_path=ref, **params)
         return index
@@ -557,17 +561,18 @@ class Index:
 
     # -- adding and removing ---------------------------------------------------------------------
     def add(self, data: str | os.PathLike | Sequence[str | os.PathLike], *, batch_size: int = 64,
-            progress: bool | None = None, replace: bool = False) -> int:
+            progress: bool | None = None, replace: bool = False, strict: bool = False) -> int:
         """Embed and add the images of ``data`` (a folder or image paths); returns how many
         were added. Paths already in the index are skipped (so adding a folder again only
-        embeds its new files) unless ``replace=True``, which re-embeds them."""
+        embeds its new files) unless ``replace=True``, which re-embeds them. Unreadable images are skipped and
+        reported as in :meth:`build` (``strict=True``: the first one raises)."""
         encoder = self._require_encoder("adding images")
         files = _list_inputs(data)
         if not replace:
             files = [f for f in files if self._lookup(f) is None]
         if not files:
             return 0
-        paths, x = _embed_inputs(encoder, files, batch_size, progress)
+        paths, x = _embed_inputs(encoder, files, batch_size, progress, strict=strict)
         return self.add_vectors(x, paths, replace=replace)
 
     def add_vectors(self, vectors: Any, paths: Sequence[str | os.PathLike], replace: bool = False) -> int:
@@ -908,7 +913,7 @@ class Index:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 zf.writestr("meta.json", json.dumps(self._meta(), indent=2, sort_keys=True))
                 entries = [[i, self._paths[i]] for i in sorted(self._paths)]
-                zf.writestr("entries.json", json.dumps(entries, ensure_ascii=False))
+                zf.writestr("entries.json", _json_bytes(entries))
                 zf.writestr("hidden.json", json.dumps(sorted(self._hidden)))
                 if self._faiss_index is not None:
                     _write_faiss(zf, "index.faiss", self._faiss_index)
@@ -1034,6 +1039,15 @@ def _upgrade(meta: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
+def _json_bytes(obj: Any) -> bytes:
+    """UTF-8 JSON; file names that are not valid Unicode (surrogate-escaped bytes of a
+    non-UTF-8 name) are written as ``\\udcXX`` escapes, which ``json.loads`` restores."""
+    try:
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True).encode("ascii")
+
+
 def _write_faiss(zf: zipfile.ZipFile, name: str, index: Any) -> None:
     """Stream a FAISS index into the archive (no full in-memory copy)."""
     faiss = _faiss()
@@ -1087,16 +1101,19 @@ def _list_inputs(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
 
 
 def _embed_inputs(encoder: Any, data: Any, batch_size: int, progress: bool | None,
-                  chunk: int = 2048) -> tuple[list[str], np.ndarray]:
+                  chunk: int = 2048, strict: bool = False) -> tuple[list[str], np.ndarray]:
     """Embed every image of ``data``; unreadable files are skipped with a warning.
 
     Works with any encoder exposing ``embed(list_of_paths)`` (torch or ONNX runtime). Images
     go in chunks of ``chunk`` with one progress bar; a chunk holding an unreadable file is
-    split in halves until the file is isolated, so only that file is dropped (each bad file
-    costs about ``2 * log2(chunk)`` extra calls).
+    embedded again without the files the encoder reported as unreadable (an encoder whose
+    ``embed`` takes no ``report`` has the chunk split in halves until each bad file is
+    isolated, about ``2 * log2(chunk)`` extra calls per bad file). Each skipped file is logged on one line and
+    a summary follows; ``strict=True`` raises on the first unreadable file instead.
     """
     from tqdm.auto import tqdm
 
+    from .data import BadFileReport
     from .data.decode import DecodeError
 
     files = _list_inputs(data)
@@ -1104,15 +1121,29 @@ def _embed_inputs(encoder: Any, data: Any, batch_size: int, progress: bool | Non
     bar = tqdm(total=len(files), desc="indexing", unit="img", disable=not show, leave=False)
     kept: list[str] = []
     parts: list[np.ndarray] = []
-    bad: list[tuple[str, str]] = []
+    report = BadFileReport(strict=strict)
 
     def run(part: list[str]) -> None:
+        found = BadFileReport(quiet=True)  # what the encoder saw in this part (when it can tell)
         try:
-            parts.append(_call_embed(encoder, part, batch_size))
+            parts.append(_call_embed(encoder, part, batch_size, report=found))
             kept.extend(part)
         except (DecodeError, OSError, ValueError) as e:
+            if strict:
+                if isinstance(e, DecodeError):
+                    report.add(e.path, e.reason)  # raises, naming the file
+                raise
+            members = set(part)
+            known = {f: r for f, r in found.entries.items() if f in members}
+            if known:
+                for f, reason in known.items():
+                    report.add(f, reason)
+                rest = [f for f in part if f not in known]
+                if rest:
+                    run(rest)
+                return
             if len(part) == 1:
-                bad.append((part[0], getattr(e, "reason", str(e))))
+                report.add(part[0], getattr(e, "reason", str(e)))
                 return
             half = len(part) // 2
             run(part[:half])
@@ -1122,9 +1153,8 @@ def _embed_inputs(encoder: Any, data: Any, batch_size: int, progress: bool | Non
         run(files[s:s + chunk])
         bar.update(len(files[s:s + chunk]))
     bar.close()
-    for f, reason in bad:
-        log.warning("skipping unreadable image %s: %s", f, reason)
+    if len(report):
+        log.warning(report.summary())
     if not kept:
-        raise ValueError(f"none of the {len(files)} images could be embedded"
-                         + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""))
+        raise ValueError(f"none of the {len(files)} images could be embedded\n{report.summary()}")
     return kept, np.concatenate(parts).astype(np.float32, copy=False)

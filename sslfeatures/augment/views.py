@@ -38,12 +38,15 @@ class ViewSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+        from ..config import ConfigError, from_dict
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"a view is a mapping of view options, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown view option(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**d)
+            raise ConfigError(f"unknown view option(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        return from_dict(cls, d, where="view")  # types checked, lists become tuples
 
     def out_size(self, image_size: int) -> int:
         base = self.size if self.size is not None else image_size

@@ -65,11 +65,13 @@ class BadFileReport:
     naming the file and the reason, and :meth:`summary` lists them all at the end.
 
     ``strict=True`` turns the first bad file into a :class:`DecodeError` instead (fail
-    fast: nothing is skipped silently).
+    fast: nothing is skipped silently); ``quiet=True`` records without logging (for a
+    caller that reports the files itself).
     """
 
     entries: dict[str, str] = field(default_factory=dict)
     strict: bool = False
+    quiet: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, path: str, reason: str) -> None:
@@ -82,7 +84,8 @@ class BadFileReport:
         if self.strict:
             raise DecodeError(path, f"{reason} (strict mode: fix or remove the file, or turn strict off to "
                                     "skip unreadable files)")
-        log.warning("skipping unreadable image %s: %s", display_path(path), reason)
+        if not self.quiet:
+            log.warning("skipping unreadable image %s: %s", display_path(path), reason)
 
     def __len__(self) -> int:
         return len(self.entries)

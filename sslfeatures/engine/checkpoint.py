@@ -11,6 +11,7 @@ checkpoint intact and pointed to.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -57,17 +58,51 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the previous
+    checkpoint is untouched and still the one ``latest.json`` points to."""
+
+
+def _pointer(folder: Path) -> dict[str, Any] | None:
+    """``latest.json``'s content, or None when there is no readable pointer."""
+    try:
+        meta = json.loads((folder / "latest.json").read_text())
+        return meta if isinstance(meta, dict) and "file" in meta and "step" in meta else None
+    except (OSError, ValueError):
+        return None
+
+
+def _previous(folder: Path) -> str:
+    meta = _pointer(folder)
+    if meta is None:
+        return "there was no previous checkpoint"
+    return f"the previous checkpoint ({meta['file']}, step {meta['step']}) is intact"
+
+
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 1) -> Path:
-    """Write ``ckpt-<step>.safetensors`` + ``latest.json`` atomically; prune older files."""
+    """Write ``ckpt-<step>.safetensors`` + ``latest.json`` atomically; prune older files.
+
+    A write that fails (``ENOSPC``...) raises :class:`CheckpointWriteError` naming the step,
+    the folder and the cause; the half-written file is removed and the previous checkpoint
+    stays the one ``latest.json`` points to.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     otensors, ometa = _flatten_optimizer(optimizer)
     tensors.update(otensors)
     name = f"ckpt-{step:08d}.safetensors"
-    atomic_write_bytes(folder / name, st_save(_unique(tensors)))
-    atomic_write_json(folder / "latest.json", dict(meta, step=step, file=name, optimizer=ometa))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / name, st_save(_unique(tensors)))
+        atomic_write_json(folder / "latest.json", dict(meta, step=step, file=name, optimizer=ometa))
+    except OSError as e:
+        if (folder / name).exists() and (_pointer(folder) or {}).get("file") != name:
+            (folder / name).unlink(missing_ok=True)  # written, but latest.json never pointed to it
+        cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointWriteError(
+            e.errno, f"could not write the step-{step} checkpoint to {folder}: {cause}; {_previous(folder)}. "
+                     "Free space (or choose another output_dir) and continue with resume=True") from e
     ckpts = sorted(folder.glob("ckpt-*.safetensors"))
     for old in ckpts[:-keep] if keep > 0 else []:
         if old.name != name:
@@ -83,9 +118,19 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
     ptr = folder / "latest.json"
     if not ptr.exists():
         raise FileNotFoundError(f"no checkpoint to resume from in {folder} (latest.json missing)")
-    meta = json.loads(ptr.read_text())
-    path = folder / meta["file"]
-    tensors = st_load(path.read_bytes())
+    try:
+        meta = json.loads(ptr.read_text())
+        path = folder / meta["file"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{ptr} is not a checkpoint pointer ({e}); it was not written by sslfeatures") from None
+    if Path(meta["file"]).name != meta["file"]:
+        raise RuntimeError(f"{ptr} points outside its folder ({meta['file']!r}); refusing to read it")
+    try:
+        tensors = st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ptr} points to {path.name}, which is missing") from None
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise RuntimeError(f"checkpoint {path} is damaged ({e}); it cannot be resumed from") from None
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     if missing or unexpected:

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -49,6 +49,8 @@ class TrainConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     views: list = field(default_factory=list)
     method_args: dict = field(default_factory=dict)
+    strict: bool = False            # True: the first unreadable image stops the run (default: skip + report)
+    on_nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or gradient: stop, or skip that batch
 
 
 def recipe_path(method: str) -> Path:
@@ -64,9 +66,14 @@ def load_recipe(method_or_path: str | Path) -> dict[str, Any]:
         p = recipe_path(str(method_or_path))
         if not p.exists():
             return {"method": str(method_or_path)}
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
@@ -81,6 +88,8 @@ def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, 
     data.setdefault("method", method)
     method_keys = {f.name for f in dataclasses.fields(method_config_cls)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(data.get("method_args") or {}, dict):
+        raise ConfigError(f"recipe[{method}].method_args: expected a mapping, got {data['method_args']!r}")
     margs = dict(data.get("method_args") or {})
     clash = method_keys & train_keys
     if clash:
@@ -99,8 +108,17 @@ def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, 
                 f"unknown option {k!r} for method {method!r}; engine options: {sorted(train_keys)}; "
                 f"method options: {sorted(method_keys)}")
     data["method_args"] = margs
-    tcfg = from_dict(TrainConfig, data, where=f"recipe[{method}]")
-    mcfg = from_dict(method_config_cls, margs, where=f"recipe[{method}].method_args")
+    where = f"recipe[{recipe if recipe is not None else method}]"
+    tcfg = from_dict(TrainConfig, data, where=where)
+    mcfg = from_dict(method_config_cls, margs, where=f"{where}.method_args")
+    from ..augment.views import ViewSpec
+
+    for i, view in enumerate(tcfg.views):  # each view: known options of the right types
+        if not isinstance(view, ViewSpec):
+            try:
+                ViewSpec.from_dict(view)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.views[{i}]: {e}") from None
     return tcfg, mcfg
 
 

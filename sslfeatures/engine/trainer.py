@@ -40,6 +40,28 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
 
 
+MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite="skip": this many bad batches in a row means the run diverged
+
+
+def _grads_finite(params: list[torch.nn.Parameter], total_norm: torch.Tensor | None) -> torch.Tensor:
+    """A 0-dim bool tensor: every gradient is finite (no host sync here)."""
+    if total_norm is not None:  # clip_grad_norm_ already reduced them: NaN/Inf propagate into the norm
+        return torch.isfinite(total_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
+
+
+def _nonfinite_message(what: str, step: int, epoch: int, last_good: int | None, ckdir: Path, lr: float,
+                       cfg: TrainConfig) -> str:
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckdir}: continue from it with resume=True"
+            if last_good is not None else "no checkpoint had been written yet")
+    return (f"non-finite {what} at step {step} (epoch {epoch}); {kept}. Usual fixes: a lower lr (now {lr:.3g}), "
+            f"precision='fp32' (now {cfg.precision!r}), gradient clipping (clip_grad=1.0, now {cfg.clip_grad}); or "
+            "on_nonfinite='skip' to skip such batches")
+
+
 @dataclass
 class Run:
     """What :meth:`Pretrainer.fit` returns."""
@@ -50,6 +72,7 @@ class Run:
     bad_files: dict[str, str] = field(default_factory=dict)
     steps: int = 0
     seconds: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)  # batches skipped by on_nonfinite="skip"
 
     @property
     def final_loss(self) -> float:
@@ -148,7 +171,7 @@ class Pretrainer:
         # data first: a missing/empty folder fails before any model is built
         load_size = max(spec.out_size(cfg.image_size) for spec in self.views.specs)
         source = self._source(data, load_size)
-        report = BadFileReport()
+        report = BadFileReport(strict=cfg.strict)
         stream_cls = getattr(source, "stream_class", TrainStream)  # e.g. PairStream for captioned images
         stream = stream_cls(source, cfg.batch_size, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
                             num_workers=cfg.num_workers, report=report, rank=dist.rank(),
@@ -175,9 +198,11 @@ class Pretrainer:
         total = cfg.epochs * spe
         warmup = int(round(cfg.warmup_epochs * spe))
         step, metrics = 0, []
+        last_good: int | None = None  # the step of the newest checkpoint on disk
+        skipped: list[int] = []
         if resume:
             meta = load_checkpoint(ckdir, method, optimizer, map_location=device)
-            step = int(meta["step"])
+            step = last_good = int(meta["step"])
             metrics = _read_metrics(out / "metrics.csv", step)
             if main:
                 log.info("resuming %s from step %d", out, step)
@@ -219,19 +244,35 @@ class Pretrainer:
                 with autocast(device, amp_dtype):
                     outs = model(views, info, **extras)
                 loss = outs["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
-                        f"is in {ckdir}. Usual fixes: a lower lr, precision='fp32', clip_grad=1.0")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 method.before_optimizer_step(info)
+                total_norm = None
                 if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                method.after_optimizer_step(info)
+                    total_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
+                finite = torch.isfinite(loss.detach().float())
+                if not scaler.is_enabled():  # fp16's GradScaler skips steps with inf gradients itself
+                    finite = finite & _grads_finite(list(method.parameters()), total_norm)
+                if dist.is_distributed():  # every rank takes the same decision
+                    finite = finite.to(device).float()
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not bool(finite):
+                    what = f"loss ({loss.item()})" if not torch.isfinite(loss) else "gradient"
+                    if cfg.on_nonfinite != "skip" or (len(skipped) >= MAX_CONSECUTIVE_SKIPS
+                                                      and skipped[-MAX_CONSECUTIVE_SKIPS] == step - MAX_CONSECUTIVE_SKIPS):
+                        if cfg.on_nonfinite == "skip":
+                            what += f" for {MAX_CONSECUTIVE_SKIPS + 1} batches in a row"
+                        raise NonFiniteLossError(_nonfinite_message(what, step, epoch, last_good, ckdir, lr, cfg))
+                    log.warning("step %d: non-finite %s; batch skipped (on_nonfinite='skip')", step, what)
+                    skipped.append(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler.is_enabled():
+                        scaler.update()  # lowers the fp16 loss scale
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    method.after_optimizer_step(info)
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == stop_at:
@@ -253,6 +294,7 @@ class Pretrainer:
                                         "same embedding)", step, ", ".join(f"{k}={v:.4f}" for k, v in stats.items()))
                     save_checkpoint(ckdir, step, method, optimizer,
                                     {"epoch": epoch, "method": cfg.method, "total_steps": total})
+                    last_good = step
                     _write_metrics(out, metrics)
                 if step >= stop_at:
                     break
@@ -269,7 +311,10 @@ class Pretrainer:
             if len(report):
                 log.warning(report.summary())
         dist.barrier()
-        return Run(out, self.full_config(), metrics, dict(report.entries), step, seconds)
+        if skipped:
+            log.warning("%d batch(es) with a non-finite loss or gradient were skipped: steps %s", len(skipped),
+                        skipped[:20])
+        return Run(out, self.full_config(), metrics, dict(report.entries), step, seconds, skipped)
 
 
 def _encoder_config(cfg: TrainConfig, method) -> dict[str, Any]:
