@@ -80,6 +80,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 
 def _fmt(tp: Any) -> str:
+    if get_args(tp):  # list[int], tuple[float, float], Optional[str]: spell the parameters out
+        return str(tp).replace("typing.", "").replace("NoneType", "None")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

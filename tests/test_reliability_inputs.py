@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sslfeatures import Encoder, Pretrainer
@@ -20,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [8, 16, 32, 64]}, image_size=16,
             batch_size=8, epochs=1, progress=False, precision="fp32", num_workers=0, log_every=1)
 
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    """One torch thread (tiny models; the test machine is shared) and no loss plots (matplotlib
+    is most of a tiny run's time and has nothing to do with what is tested here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr("sslfeatures.plots.plot_loss_curve", lambda *a, **k: None)
+    yield
+    torch.set_num_threads(threads)
 
 def load_corpus_script():
     spec = importlib.util.spec_from_file_location("make_bad_corpus", ROOT / "scripts" / "make_bad_corpus.py")
