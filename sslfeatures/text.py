@@ -103,13 +103,17 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts).to(self.positional_embedding.device)
+        return self.forward_ids(self.tokenizer(texts).to(self.positional_embedding.device))
+
+    def forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, width)`` of token ids ``(N, L)`` from :attr:`tokenizer` (padding after
+        the end-of-text token never changes the result: the mask is causal)."""
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]
         mask = torch.full((n, n), float("-inf"), device=x.device).triu_(1)
         x = self.transformer(x, mask=mask, is_causal=True)
         eot = (ids == ByteTokenizer.EOT).int().argmax(1)
-        return self.ln_final(x[torch.arange(len(ids), device=x.device), eot])
+        return self.ln_final(x.gather(1, eot.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1))
 
 
 class MiniLMText(nn.Module):
@@ -146,9 +150,13 @@ class MiniLMText(nn.Module):
         device = next(self.model.parameters()).device
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
                              return_tensors="pt").to(device)
+        return self.forward_ids(tok["input_ids"], tok["attention_mask"])
+
+    def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled features ``(N, hidden)`` of :attr:`tokenizer` output (``(N, L)`` each)."""
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            hidden = self.model(**tok).last_hidden_state
-        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
