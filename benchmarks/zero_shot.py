@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tune-text", action="store_true", help="fine-tune MiniLM too (default: frozen, LiT)")
+    ap.add_argument("--text-proj", default="learned,locked",
+                    help="'learned' (text projection trained) and/or 'locked' (fixed orthogonal; only the image "
+                         "projection learns)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "zero_shot"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -91,8 +94,9 @@ def main() -> None:
         enc = _encoder(enc_name, Path(args.runs))
         t0 = time.perf_counter()
         keep = np.concatenate([np.flatnonzero(ytr == c)[: args.train_per_class] for c in range(10)])
-        ftr = enc.embed(_rgb(xtr[keep]), batch_size=256)
-        fte = enc.embed(_rgb(xte), batch_size=256)
+        xk = xtr[keep]
+        ftr = enc.embed(_rgb(xk), batch_size=256, progress=False)
+        fte = enc.embed(_rgb(xte), batch_size=256, progress=False)
         ytr_k = ytr[keep]
         print(f"[{enc_name}] embedded {len(keep)} + {len(xte)} images in {time.perf_counter() - t0:.0f}s", flush=True)
         for split, seen in SPLITS.items():
@@ -100,12 +104,13 @@ def main() -> None:
             m = np.isin(ytr_k, seen)
             idx = np.flatnonzero(m)
             # every image carries all its class's captions; one is drawn per epoch
-            pairs = [(xtr[keep][i], tuple(t.format(NAMES[ytr_k[i]]) for t in TEMPLATES)) for i in idx]
-            for seed in range(args.seeds):
+            pairs = [(xk[i], tuple(t.format(NAMES[ytr_k[i]]) for t in TEMPLATES)) for i in idx]
+            for proj, seed in [(p, s) for p in args.text_proj.split(",") for s in range(args.seeds)]:
                 t1 = time.perf_counter()
                 probe = ZeroShotProbe.fit(enc, pairs, text_tower="minilm", tune_text=args.tune_text,
                                           features=ftr[idx], epochs=args.epochs, batch_size=256, lr=1e-3,
-                                          embed_dim=256, seed=seed, device="cpu")
+                                          embed_dim=384 if proj == "locked" else 256, seed=seed, device="cpu",
+                                          lock_text_projection=proj == "locked")
                 fit_s = time.perf_counter() - t1
                 img = probe.backend.text_encoder.project_image(fte)
                 u = np.isin(yte, unseen)
@@ -113,7 +118,7 @@ def main() -> None:
                 zs = probe.classify(None, [NAMES[c] for c in unseen], TEMPLATES, image_embeddings=img[u])
                 sn = probe.classify(None, [NAMES[c] for c in seen], TEMPLATES, image_embeddings=img[s_])
                 allp = probe.classify(None, NAMES, TEMPLATES, image_embeddings=img)
-                row = {"encoder": enc_name, "split": split, "seed": seed, "seen": [NAMES[c] for c in seen],
+                row = {"encoder": enc_name, "split": split, "text_proj": proj, "seed": seed, "seen": [NAMES[c] for c in seen],
                        "zero_shot_unseen_top1": zs.top1(np.searchsorted(unseen, yte[u])),
                        "seen_top1": sn.top1(np.searchsorted(seen, yte[s_])),
                        **_gzsl(allp.indices, yte, seen, unseen),
@@ -123,18 +128,18 @@ def main() -> None:
                 rows.append(row)
                 with open(out / "results.jsonl", "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"[{enc_name} {split} seed {seed}] unseen zero-shot {row['zero_shot_unseen_top1']:.3f}  "
+                print(f"[{enc_name} {split} {proj} seed {seed}] unseen zero-shot {row['zero_shot_unseen_top1']:.3f}  "
                       f"seen {row['seen_top1']:.3f}  GZSL all {row['gzsl_top1']:.3f} (S {row['gzsl_seen']:.3f}, "
                       f"U {row['gzsl_unseen']:.3f}, H {row['gzsl_H']:.3f})  loss {row['loss_first']:.3f}->"
                       f"{row['loss_last']:.3f}  {fit_s:.0f}s", flush=True)
-    print("\n| encoder | split | zero-shot top-1, 5 unseen (chance 20%) | seen top-1 (5-way) | GZSL top-1 (10-way) "
+    print("\n| encoder | split | text projection | zero-shot top-1, 5 unseen (chance 20%) | seen top-1 (5-way) | GZSL top-1 (10-way) "
           "| GZSL seen / unseen / H |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for enc_name in args.encoders.split(","):
-        for split in SPLITS:
-            r = [x for x in rows if x["encoder"] == enc_name and x["split"] == split]
+        for split, proj in [(sp, p) for sp in SPLITS for p in args.text_proj.split(",")]:
+            r = [x for x in rows if x["encoder"] == enc_name and x["split"] == split and x["text_proj"] == proj]
             f = lambda k: f"{100 * np.mean([x[k] for x in r]):.1f} ± {100 * np.std([x[k] for x in r]):.1f}"  # noqa: E731
-            print(f"| {enc_name} | {split} | {f('zero_shot_unseen_top1')} | {f('seen_top1')} | {f('gzsl_top1')} | "
+            print(f"| {enc_name} | {split} | {proj} | {f('zero_shot_unseen_top1')} | {f('seen_top1')} | {f('gzsl_top1')} | "
                   f"{100 * np.mean([x['gzsl_seen'] for x in r]):.1f} / {100 * np.mean([x['gzsl_unseen'] for x in r]):.1f}"
                   f" / {100 * np.mean([x['gzsl_H'] for x in r]):.1f} |")
     print(f"\nmachine: {machine}")

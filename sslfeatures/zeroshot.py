@@ -417,7 +417,8 @@ class ZeroShotProbe:
             text_lr: float | None = None, weight_decay: float = 1e-4, init_temperature: float = 0.07,
             max_logit_scale: float = 100.0, features: np.ndarray | None = None, text_width: int = 256,
             text_layers: int = 4, text_heads: int = 4, context_length: int = 77, seed: int = 0,
-            device: str | torch.device | None = None, progress: bool = False) -> "ZeroShotProbe":
+            lock_text_projection: bool = False, device: str | torch.device | None = None,
+            progress: bool = False) -> "ZeroShotProbe":
         """LiT (Zhai et al. 2022): align text with the frozen image encoder ``enc``.
 
         ``pairs``: a CSV/TSV of (path, caption) rows, a folder of images with same-named
@@ -435,6 +436,13 @@ class ZeroShotProbe:
         (initialised to ``1 / init_temperature``, clipped at ``max_logit_scale``), with
         AdamW (``lr``, ``weight_decay``) for ``epochs`` passes over the pairs. The loss
         of every epoch is kept in :attr:`history`.
+
+        ``lock_text_projection``: with a frozen tower, keep its projection fixed too (a
+        random orthogonal map: with ``embed_dim`` >= the tower's width the sentence
+        encoder's geometry is kept exactly) and
+        learn only the image side's: the image features are mapped into the text space.
+        With few distinct captions (class names) a learned text projection can fit those
+        names and lose what the pretrained text space says about unseen ones.
         """
         from .data.pairs import ImageTextPairs
         from .methods.clip import clip_loss
@@ -472,6 +480,12 @@ class ZeroShotProbe:
         frozen_body = tower.frozen_prefix is not None or (not tune_text and not isinstance(text_tower, str))
         if frozen_body:
             tower.body.requires_grad_(False)
+        if lock_text_projection:
+            if not frozen_body:
+                raise ValueError("lock_text_projection=True needs a frozen text tower (tune_text=False)")
+            with torch.no_grad():
+                nn.init.orthogonal_(tower.proj.weight)
+            tower.proj.requires_grad_(False)
         image_proj = nn.Linear(enc.num_features, embed_dim, bias=False).to(dev)
         nn.init.normal_(image_proj.weight, std=enc.num_features ** -0.5)
         logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature), device=dev))
@@ -484,7 +498,8 @@ class ZeroShotProbe:
             tower.body.eval()
             with torch.no_grad():
                 body_cache = torch.cat([tower.body(uniq[i:i + 256]).float() for i in range(0, len(uniq), 256)])
-        params = [{"params": list(image_proj.parameters()) + list(tower.proj.parameters()) + [logit_scale], "lr": lr}]
+        trained_proj = [] if lock_text_projection else list(tower.proj.parameters())
+        params = [{"params": list(image_proj.parameters()) + trained_proj + [logit_scale], "lr": lr}]
         if not frozen_body:
             params.append({"params": [p for p in tower.body.parameters() if p.requires_grad],
                            "lr": text_lr if text_lr is not None else (lr / 100 if tower.config["type"] == "minilm" else lr)})
@@ -532,7 +547,7 @@ class ZeroShotProbe:
             tower.config["trainable"] = False  # saved without its (unchanged) body
         config = {"method": "lit", "paper": "Zhai et al. 2022, LiT: Zero-Shot Transfer with Locked-image text Tuning",
                   "image_method": getattr(enc, "method", None), "pairs": len(src), "epochs": epochs,
-                  "batch_size": bs, "tune_text": not frozen_body}
+                  "batch_size": bs, "tune_text": not frozen_body, "lock_text_projection": bool(lock_text_projection)}
         text_enc = TextEncoder.from_modules(tower, image_proj, float(logit_scale.detach().exp()),
                                             device=enc.device, config=config)
         probe = cls(_SSLBackend(enc, text_enc), {"backend": "sslfeatures", **config},

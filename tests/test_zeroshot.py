@@ -190,3 +190,21 @@ def test_from_clip_errors(tmp_path, encoder):
         ZeroShotProbe.from_clip(tmp_path / "enc")
     with pytest.raises(FileNotFoundError):
         ZeroShotProbe.from_clip(str(tmp_path / "missing" / "x" / "y"))
+
+
+def test_locked_text_projection_keeps_the_text_geometry(encoder, captioned):
+    pairs, test, labels = captioned
+    tower_kw = dict(text_tower="transformer", text_width=32, text_layers=1, text_heads=2, context_length=40)
+    with pytest.raises(ValueError, match="frozen text tower"):
+        ZeroShotProbe.fit(encoder, pairs, lock_text_projection=True, tune_text=True, epochs=1, **tower_kw)
+    from sslfeatures.text import TextTower
+
+    tower = TextTower(TextTower.make_config("transformer", 32, 32, 1, 2, 40))
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    probe = ZeroShotProbe.fit(encoder, pairs, text_tower=tower, lock_text_projection=True, epochs=20,
+                              batch_size=32, lr=3e-3, device="cpu")
+    after = probe.text_encoder.module.tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("proj"))
+    w = after["proj.weight"]
+    np.testing.assert_allclose((w @ w.T).numpy(), np.eye(32), atol=1e-5)  # orthogonal, untrained
+    assert probe.history[-1]["loss"] < probe.history[0]["loss"]
