@@ -60,7 +60,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode == "La":  # premultiplied: Pillow converts it to LA only
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
@@ -118,6 +120,8 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Im
     """Resize the shorter side to ``size / crop_pct`` and center-crop ``size x size``."""
     scale_to = int(round(size / crop_pct))
     w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"the image is empty ({w}x{h} pixels)")
     if (w, h) != (scale_to, scale_to) or scale_to != size:
         s = scale_to / min(w, h)
         nw, nh = max(size, int(round(w * s))), max(size, int(round(h * s)))
@@ -156,6 +160,8 @@ def to_uint8_image(obj: Any) -> Image.Image:
             raise ValueError(
                 f"cannot interpret an array of shape {tuple(obj.shape)} as an image: expected "
                 "(H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4")
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError(f"the image array of shape {tuple(obj.shape)} is empty")
         if arr.dtype == np.uint8:
             pass
         elif arr.dtype == np.uint16:

@@ -130,6 +130,8 @@ class ImageSource(Dataset):
             return None, index, err.reason
         except (ValueError, TypeError, OSError) as err:
             return None, index, str(err)
+        except Exception as err:  # one odd item must not stop a run: it is reported with the error
+            return None, index, f"{type(err).__name__}: {err}"
 
 
 class ImageFolder(ImageSource):

@@ -92,6 +92,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     otensors, ometa = _flatten_optimizer(optimizer)
     tensors.update(otensors)
     name = f"ckpt-{step:08d}.safetensors"
+    for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
+        stale.unlink(missing_ok=True)  # half-written files of a killed run (one writer per run folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / name, st_save(_unique(tensors)))
