@@ -301,19 +301,26 @@ class Encoder:
 
         nw = num_workers if num_workers is not None else (0 if len(src) <= batch_size else None)
         amp = resolve_precision(self.precision, self.device)
-        outs, kept = [], []
+        # the output is allocated once and filled batch by batch: peak memory is the result
+        # plus a few batches in flight, whatever the number of images
+        out: np.ndarray | None = None
+        kept = np.empty(len(src), np.int64)
+        pos = 0
         show = progress if progress is not None else len(src) > 4 * batch_size
         bar = tqdm(total=len(src), desc=desc, unit="img", disable=not show, leave=False)
         for x, idx in iterate(src, batch_size=batch_size, num_workers=nw, report=report):
             with autocast(self.device, amp):
-                y = fn(self._preprocess(x))
-            outs.append(y.float().cpu())
-            kept.append(idx)
+                y = fn(self._preprocess(x)).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(src),) + y.shape[1:], np.float32)
+            out[pos:pos + len(y)] = y
+            kept[pos:pos + len(y)] = idx.numpy()
+            pos += len(y)
             bar.update(len(idx))
         bar.close()
-        if not outs:
+        if out is None:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return torch.cat(outs).numpy().astype(np.float32, copy=False), torch.cat(kept).numpy()
+        return out[:pos], kept[:pos]
 
     def _run(self, inputs: Any, fn, batch_size: int, num_workers: int | None, progress: bool | None,
              strict: bool, report: BadFileReport | None):
