@@ -51,6 +51,13 @@ class TrainConfig:
     method_args: dict = field(default_factory=dict)
     strict: bool = False            # True: the first unreadable image stops the run (default: skip + report)
     on_nonfinite: Literal["raise", "skip"] = "raise"  # a NaN/Inf loss or gradient: stop, or skip that batch
+    # -- scaling out (see the README's "Scaling out" and sslfeatures/engine/scale.py) ------------
+    accumulate_steps: int = 1       # micro-batches per optimizer step: effective batch = batch_size x world x this
+    sync_bn: bool | None = None     # SyncBatchNorm across processes; None: on when world_size > 1 and the model has BN
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard parameters/gradients/optimizer state (large ViTs)
+    grad_checkpointing: bool = False  # recompute ViT blocks in backward (activation memory for compute)
+    compile: bool = False           # torch.compile the backbone
+    dist_timeout: float = 1800.0    # seconds a process-group collective may wait for a peer before failing
 
 
 def recipe_path(method: str) -> Path:

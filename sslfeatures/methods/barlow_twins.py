@@ -28,6 +28,8 @@ class BarlowTwinsConfig(MethodConfig):
 class BarlowTwins(Method):
     paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
     Config = BarlowTwinsConfig
+    exact_accumulation = False
+    accumulation_note = "the cross-correlation matrix is normalised over the micro-batch"
 
     def __init__(self, backbone, cfg: BarlowTwinsConfig, views):
         super().__init__(backbone, cfg, views)

@@ -49,6 +49,8 @@ class StepInfo:
     total_steps: int
     epoch: int
     steps_per_epoch: int
+    micro_step: int = 0          # which micro-batch of the optimizer step (gradient accumulation)
+    accumulate_steps: int = 1    # micro-batches per optimizer step
 
     @property
     def progress(self) -> float:
@@ -70,6 +72,14 @@ class Method(nn.Module):
     name: ClassVar[str] = "method"
     paper: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
+    #: Gradient accumulation (``accumulate_steps > 1``) reproduces one step on the whole
+    #: effective batch (up to float round-off): True only when the loss is a mean of per-sample
+    #: terms with no other sample in them (no in-batch negatives, no batch statistics in the
+    #: loss, no state updated per forward pass). BatchNorm layers in training mode make any
+    #: method approximate on top of this (their statistics are per micro-batch); the engine
+    #: checks for those itself. ``accumulation_note`` says why a method is approximate.
+    exact_accumulation: ClassVar[bool] = False
+    accumulation_note: ClassVar[str] = "not analysed for gradient accumulation"
 
     def __init__(self, backbone: Backbone, cfg: Any, views: Views):
         super().__init__()

@@ -36,6 +36,8 @@ class BYOLConfig(MethodConfig):
 class BYOL(Method):
     paper = "Grill et al. 2020, Bootstrap Your Own Latent (BYOL)"
     Config = BYOLConfig
+    exact_accumulation = True
+    accumulation_note = "per-pair cosine loss; the EMA target moves once per optimizer step, as with one big batch"
 
     def __init__(self, backbone, cfg: BYOLConfig, views):
         super().__init__(backbone, cfg, views)

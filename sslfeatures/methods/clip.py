@@ -56,6 +56,8 @@ class CLIPConfig(MethodConfig):
 class CLIP(Method):
     paper = "Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision (CLIP)"
     Config = CLIPConfig
+    exact_accumulation = False
+    accumulation_note = "in-batch negatives: each micro-batch contrasts only with its own (global) micro-batch"
     needs_text = True  # the engine feeds captioned images: training_step gets ``text``
 
     def __init__(self, backbone, cfg: CLIPConfig, views):

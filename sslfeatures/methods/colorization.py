@@ -109,6 +109,8 @@ class ABTargets(nn.Module):
 class Colorization(Method):
     paper = "Zhang et al. 2016, Colorful Image Colorization"
     Config = ColorizationConfig
+    exact_accumulation = False
+    accumulation_note = "the class-rebalancing prior is updated from every micro-batch"
 
     def __init__(self, backbone, cfg: ColorizationConfig, views):
         if cfg.loss not in LOSSES:

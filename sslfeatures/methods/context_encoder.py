@@ -130,6 +130,8 @@ class Discriminator(nn.Module):
 class ContextEncoder(Method):
     paper = "Pathak et al. 2016, Context Encoders: Feature Learning by Inpainting"
     Config = ContextEncoderConfig
+    exact_accumulation = True
+    accumulation_note = "per-image reconstruction and adversarial losses"
 
     def __init__(self, backbone, cfg: ContextEncoderConfig, views):
         super().__init__(backbone, cfg, views)

@@ -135,6 +135,8 @@ class CPCConfig(MethodConfig):
 class CPC(Method):
     paper = "Hénaff et al. 2019, Data-Efficient Image Recognition with Contrastive Predictive Coding (CPC v2)"
     Config = CPCConfig
+    exact_accumulation = False
+    accumulation_note = "negatives are every patch of the micro-batch"
 
     def __init__(self, backbone, cfg: CPCConfig, views):
         super().__init__(backbone, cfg, views)

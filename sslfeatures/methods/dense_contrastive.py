@@ -93,6 +93,8 @@ class DenseContrastive(Method):
     paper = ("Dense contrastive learning on augmentation correspondences (Florence et al. 2018; "
              "Pinheiro et al. 2020, VADeR; Wang et al. 2021, DenseCL)")
     Config = DenseContrastiveConfig
+    exact_accumulation = False
+    accumulation_note = "in-batch negatives (global and dense InfoNCE) per micro-batch"
 
     def __init__(self, backbone, cfg: DenseContrastiveConfig, views):
         super().__init__(backbone, cfg, CorrespondenceViews(list(views.specs), views.mean, views.std))

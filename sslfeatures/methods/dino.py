@@ -57,6 +57,9 @@ class _Branch(nn.Module):
 class DINO(Method):
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers (DINO)"
     Config = DINOConfig
+    exact_accumulation = False
+    accumulation_note = ("the teacher centre is updated from every micro-batch (accumulate_steps EMA updates per "
+                         "optimizer step instead of one from the whole batch)")
 
     def __init__(self, backbone, cfg: DINOConfig, views):
         super().__init__(backbone, cfg, views)

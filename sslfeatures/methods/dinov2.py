@@ -143,6 +143,8 @@ def dino_head(in_dim: int, out_dim: int, cfg: DINOv2Config) -> DINOHead:
 class DINOv2(Method):
     paper = "Oquab et al. 2024, DINOv2: Learning Robust Visual Features without Supervision"
     Config = DINOv2Config
+    exact_accumulation = False
+    accumulation_note = "Sinkhorn-Knopp / centring and the KoLeo term use micro-batch statistics"
 
     def __init__(self, backbone: Backbone, cfg: DINOv2Config, views):
         super().__init__(backbone, cfg, views)

@@ -103,6 +103,8 @@ def require_convnext(backbone: Backbone, method: str) -> None:
 class FCMAE(Method):
     paper = "Woo et al. 2023, ConvNeXt V2: Co-designing and Scaling ConvNets with Masked Autoencoders (FCMAE)"
     Config = FCMAEConfig
+    exact_accumulation = True
+    accumulation_note = "per-image masked MSE, the same number of masked cells in every image"
 
     def __init__(self, backbone: Backbone, cfg: FCMAEConfig, views):
         super().__init__(backbone, cfg, views)

@@ -85,6 +85,8 @@ def resolve_permutations(cfg: JigsawConfig) -> torch.Tensor:
 class Jigsaw(Method):
     paper = "Noroozi & Favaro 2016, Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles"
     Config = JigsawConfig
+    exact_accumulation = True
+    accumulation_note = "per-puzzle cross-entropy"
 
     def __init__(self, backbone, cfg: JigsawConfig, views):
         super().__init__(backbone, cfg, views)

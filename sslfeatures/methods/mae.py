@@ -55,6 +55,8 @@ class MAEConfig(MethodConfig):
 class MAE(Method):
     paper = "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners (MAE)"
     Config = MAEConfig
+    exact_accumulation = True
+    accumulation_note = "per-image masked MSE, the same number of masked patches in every image"
 
     def __init__(self, backbone, cfg: MAEConfig, views):
         super().__init__(backbone, cfg, views)

@@ -38,6 +38,9 @@ class MoCoConfig(MethodConfig):
 class MoCoV2(Method):
     paper = "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning (MoCo v2)"
     Config = MoCoConfig
+    exact_accumulation = True
+    accumulation_note = ("per-query InfoNCE against the queue, which is fixed during the accumulation window and "
+                         "receives the keys of every micro-batch at the optimizer step")
 
     def __init__(self, backbone, cfg: MoCoConfig, views):
         super().__init__(backbone, cfg, views)
@@ -63,7 +66,10 @@ class MoCoV2(Method):
                 k1 = F.normalize(self.key(x1).float(), dim=1)
             loss = 0.5 * (loss + info_nce_queue(q2, k1, self.queue, self.cfg.temperature))
             keys.append(k1)
-        self._pending_keys = torch.cat(keys)
+        keys = torch.cat(keys)
+        if info.micro_step > 0 and getattr(self, "_pending_keys", None) is not None:
+            keys = torch.cat([self._pending_keys, keys])  # gradient accumulation: enqueue every micro-batch's keys
+        self._pending_keys = keys
         return {"loss": loss}
 
     @torch.no_grad()

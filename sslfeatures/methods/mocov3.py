@@ -72,6 +72,8 @@ def _fixed_sincos_pos_embed(vit: nn.Module) -> None:
 class MoCoV3(Method):
     paper = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers (MoCo v3)"
     Config = MoCoV3Config
+    exact_accumulation = False
+    accumulation_note = "in-batch negatives: each micro-batch contrasts only with its own (global) micro-batch"
 
     def __init__(self, backbone, cfg: MoCoV3Config, views):
         super().__init__(backbone, cfg, views)

@@ -69,6 +69,8 @@ def sample_pairs(views: torch.Tensor, pairs_per_image: int, gap_ratio: float, ji
 class RelativeLocation(Method):
     paper = "Doersch et al. 2015, Unsupervised Visual Representation Learning by Context Prediction"
     Config = RelativeLocationConfig
+    exact_accumulation = True
+    accumulation_note = "per-pair cross-entropy, the same number of pairs per image"
 
     def __init__(self, backbone, cfg: RelativeLocationConfig, views):
         super().__init__(backbone, cfg, views)

@@ -26,6 +26,8 @@ class RotationConfig(MethodConfig):
 class Rotation(Method):
     paper = "Gidaris et al. 2018, Unsupervised Representation Learning by Predicting Image Rotations (RotNet)"
     Config = RotationConfig
+    exact_accumulation = True
+    accumulation_note = "per-image cross-entropy over the four rotations"
 
     def __init__(self, backbone, cfg: RotationConfig, views):
         super().__init__(backbone, cfg, views)

@@ -23,6 +23,8 @@ class SimCLRConfig(MethodConfig):
 class SimCLR(Method):
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning (SimCLR)"
     Config = SimCLRConfig
+    exact_accumulation = False
+    accumulation_note = "in-batch negatives: each micro-batch contrasts only with its own (global) micro-batch"
 
     def __init__(self, backbone, cfg: SimCLRConfig, views):
         super().__init__(backbone, cfg, views)

@@ -39,6 +39,8 @@ def _neg_cosine(p: torch.Tensor, z: torch.Tensor, stop_gradient: bool) -> torch.
 class SimSiam(Method):
     paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning (SimSiam)"
     Config = SimSiamConfig
+    exact_accumulation = True
+    accumulation_note = "per-pair cosine loss with a stop-gradient"
 
     def __init__(self, backbone, cfg: SimSiamConfig, views):
         super().__init__(backbone, cfg, views)

@@ -44,6 +44,8 @@ class SplitBrainConfig(MethodConfig):
 class SplitBrain(Method):
     paper = "Zhang et al. 2017, Split-Brain Autoencoders: Unsupervised Learning by Cross-Channel Prediction"
     Config = SplitBrainConfig
+    exact_accumulation = True
+    accumulation_note = "per-pixel losses, the same number of pixels per image"
 
     def __init__(self, backbone, cfg: SplitBrainConfig, views):
         if cfg.loss not in LOSSES:

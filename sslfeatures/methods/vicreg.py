@@ -30,6 +30,8 @@ class VICRegConfig(MethodConfig):
 class VICReg(Method):
     paper = "Bardes, Ponce, LeCun 2022, VICReg: Variance-Invariance-Covariance Regularization"
     Config = VICRegConfig
+    exact_accumulation = False
+    accumulation_note = "the variance and covariance terms are statistics of the micro-batch"
 
     def __init__(self, backbone, cfg: VICRegConfig, views):
         super().__init__(backbone, cfg, views)

@@ -69,6 +69,8 @@ def propagate_labels(ref_feats: torch.Tensor, ref_labels: torch.Tensor, target_f
 class VideoColorization(Method):
     paper = "Vondrick et al. 2018, Tracking Emerges by Colorizing Videos"
     Config = VideoColorizationConfig
+    exact_accumulation = False
+    accumulation_note = "the colour palette is k-means-fit on the first micro-batch"
 
     @classmethod
     def make_source(cls, data, size: int, cfg: VideoColorizationConfig):

@@ -32,6 +32,8 @@ class WMSEConfig(MethodConfig):
 class WMSE(Method):
     paper = "Ermolov et al. 2021, Whitening for Self-Supervised Representation Learning (W-MSE)"
     Config = WMSEConfig
+    exact_accumulation = False
+    accumulation_note = "whitening over sub-batches cut from the micro-batch"
 
     def __init__(self, backbone, cfg: WMSEConfig, views):
         super().__init__(backbone, cfg, views)
