@@ -366,16 +366,134 @@ class FaissIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "FaissIndex":
+    def load(cls, folder: str | os.PathLike) -> "FaissIndex | SavedIndex":
+        """A folder written by :meth:`save`, or a ``.index`` file written by sslfeatures'
+        ``Index.save`` (then a :class:`SavedIndex`, which searches the same way)."""
         import faiss
 
         folder = Path(folder)
+        if folder.is_file():
+            return SavedIndex.load(folder)
+        if not (folder / "ids.json").exists():
+            raise FileNotFoundError(f"{folder}: neither an sslfeatures .index file nor a folder with ids.json")
         meta = json.loads((folder / "ids.json").read_text())
         out = cls(meta["dim"], meta["metric"])
         out.index = faiss.read_index(str(folder / "index.faiss"))
         out.ids = list(meta["ids"])
         if len(out.ids) != out.index.ntotal:
             raise ValueError(f"{folder}: {out.index.ntotal} vectors but {len(out.ids)} ids")
+        return out
+
+
+class SavedIndex:
+    """An index written by ``sslfeatures.Index.save`` (one zip file: ``meta.json``,
+    ``entries.json``, ``hidden.json``, ``index.faiss``), searched with FAISS and numpy only.
+
+    It applies the saved search parameters (HNSW ``ef_search``; IVF-PQ ``nprobe`` and the
+    re-ranking ``k_factor``), normalises queries for ``metric="cosine"``, reports Euclidean
+    distances for ``"l2"`` and leaves out entries removed but not yet compacted away, so its
+    hits are the ones ``Index.search`` returns for the same query vectors.
+    """
+
+    FORMAT = "sslfeatures.index"
+
+    def __init__(self, index: Any, meta: dict[str, Any], paths: dict[int, str], hidden: set[int]):
+        self.index, self.meta, self.paths, self.hidden = index, meta, paths, hidden
+        self.dim, self.metric, self.kind = int(meta["dim"]), str(meta["metric"]), str(meta["kind"])
+        self.encoder_config: dict[str, Any] = (meta.get("encoder") or {}).get("config") or {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SavedIndex":
+        import zipfile
+
+        import faiss
+
+        path = Path(path)
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not an sslfeatures index (expected the zip archive Index.save writes)")
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            missing = {"meta.json", "entries.json", "hidden.json"} - names
+            if missing:
+                raise ValueError(f"{path}: not an sslfeatures index (missing {', '.join(sorted(missing))})")
+            meta = json.loads(zf.read("meta.json"))
+            if meta.get("format") != cls.FORMAT:
+                raise ValueError(f"{path}: format {meta.get('format')!r}, expected {cls.FORMAT!r}")
+            if int(meta.get("format_version", 0)) > 1:
+                raise ValueError(f"{path}: index format version {meta['format_version']} is newer than this kit "
+                                 "reads (1); update export/sslfeatures_runtime.py")
+            paths = {int(i): str(p) for i, p in json.loads(zf.read("entries.json"))}
+            hidden = {int(i) for i in json.loads(zf.read("hidden.json"))}
+            if "index.faiss" not in names:
+                raise ValueError(f"{path}: the index holds no vectors")
+            index = faiss.deserialize_index(np.frombuffer(zf.read("index.faiss"), dtype=np.uint8))
+        out = cls(index, meta, paths, hidden)
+        out._apply_search_params()
+        if out.index.ntotal - len(hidden) != len(paths):
+            raise ValueError(f"{path}: {out.index.ntotal} vectors, {len(hidden)} removed, but {len(paths)} entries")
+        return out
+
+    def _apply_search_params(self) -> None:
+        import faiss
+
+        p = self.meta.get("params") or {}
+        if self.kind == "hnsw":
+            faiss.downcast_index(self.index.index).hnsw.efSearch = int(p.get("ef_search", 64))
+        elif self.kind == "ivfpq":
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.nprobe = min(int(p.get("nprobe", 16)), ivf.nlist)
+            inner = faiss.downcast_index(self.index.index)
+            if hasattr(inner, "k_factor"):
+                inner.k_factor = float(p.get("k_factor", 8))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _params(self) -> Any:
+        """FAISS search parameters that skip removed entries, as ``Index.search`` builds them
+        (``None`` when nothing is hidden)."""
+        if not self.hidden:
+            return None
+        if getattr(self, "_cached_params", None) is None:
+            import faiss
+
+            p = self.meta.get("params") or {}
+            if self.kind == "hnsw":  # the ID map passes a top-level selector down in id space
+                batch = faiss.IDSelectorBatch(np.asarray(sorted(self.hidden), dtype=np.int64))
+                sel = faiss.IDSelectorNot(batch)
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(p.get("ef_search", 64)))
+                keep: tuple = (batch, sel)
+            else:  # IVF-PQ inside the re-ranking index sees positions in the ID map
+                id_map = faiss.vector_to_array(self.index.id_map)
+                pos = np.flatnonzero(np.isin(id_map, np.fromiter(self.hidden, np.int64))).astype(np.int64)
+                batch = faiss.IDSelectorBatch(pos)
+                sel = faiss.IDSelectorNot(batch)
+                ivf = faiss.extract_index_ivf(self.index)
+                base = faiss.SearchParametersIVF(sel=sel, nprobe=min(int(p.get("nprobe", 16)), ivf.nlist))
+                params = faiss.IndexRefineSearchParameters(k_factor=float(p.get("k_factor", 8)),
+                                                           base_index_params=base)
+                keep = (batch, sel, base)
+            self._cached_params = (params, keep)  # FAISS does not own these objects: keep them alive
+        return self._cached_params[0]
+
+    def search(self, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each query vector, its ``k`` nearest ``(path, score)`` pairs, best first
+        (cosine similarity, or Euclidean distance for ``metric="l2"``)."""
+        x = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        if x.shape[1] != self.dim:
+            raise ValueError(f"vectors have dimension {x.shape[1]}, the index {self.dim}")
+        if not len(self):
+            raise ValueError("the index is empty")
+        if self.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        k = min(int(k), len(self))
+        d, ids = self.index.search(x, k, params=self._params())
+        if self.metric == "l2":
+            d = np.sqrt(np.maximum(d, 0))
+        out = []
+        for drow, irow in zip(d, ids):
+            hits = [(self.paths[int(i)], float(s)) for s, i in zip(drow, irow) if i >= 0 and int(i) not in self.hidden]
+            out.append(hits[:k])
         return out
 
 
@@ -396,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--metric", choices=list(FaissIndex.METRICS), default="cosine")
     p = sub.add_parser("query", help="nearest images of each query image (JSON lines)")
     p.add_argument("model")
-    p.add_argument("index")
+    p.add_argument("index", help="a folder written by the index command, or a .index file from sslfeatures")
     p.add_argument("images", nargs="+")
     p.add_argument("--k", type=int, default=5)
     args = ap.parse_args(argv)

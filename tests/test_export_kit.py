@@ -153,6 +153,20 @@ def test_kit_runs_without_torch_and_matches_sslfeatures(kit_python, exported, ti
     assert [h["query"] for h in hits] == queries
     for h in hits:  # int8 query against the fp32 index: each photo still finds itself first
         assert len(h["hits"]) == 3 and h["hits"][0]["id"] == h["query"] and h["hits"][0]["score"] > 0.9
+    # an index saved by sslfeatures' Index (HNSW, one entry removed) answers the same in the kit
+    from sslfeatures import Index
+
+    index = Index.from_vectors(ref, [str(p) for p in ref_paths], kind="hnsw")
+    index.remove([str(ref_paths[1])])
+    index.save(tmp_path / "photos.index")
+    res = _run_kit(kit_python, "-m", "sslfeatures_runtime", "query", str(folder), str(tmp_path / "photos.index"),
+                   *queries, "--k", "4", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for line, q in zip(res.stdout.splitlines(), queries):
+        got = json.loads(line)["hits"]
+        want = index.search(ref[[str(p) for p in ref_paths].index(q)], k=4)
+        assert [h["id"] for h in got] == [h.path for h in want]
+        assert np.allclose([h["score"] for h in got], [h.score for h in want], atol=1e-4)
     # the Python API, with an unreadable file in the folder
     bad = tmp_path / "with_bad"
     shutil.copytree(tiny_images, bad)

@@ -260,6 +260,36 @@ def test_save_load_roundtrip_keeps_vectors_and_metadata(kind, params, tmp_path):
     assert meta["count"] == 590 and meta["written_by"]["faiss"] == faiss.__version__
 
 
+@pytest.mark.parametrize("kind,params,metric", [("flat", {}, "cosine"), ("hnsw", {}, "l2"),
+                                                 ("ivfpq", dict(nlist=8, pq_m=4, nbits=6), "cosine")])
+def test_torch_free_kit_searches_a_saved_index_like_index_search(kind, params, metric, tmp_path):
+    """export/sslfeatures_runtime.py (faiss + numpy only) reads an Index.save file, search
+    parameters and removed-but-hidden entries included, and returns Index.search's hits."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sslfeatures_runtime", Path(__file__).resolve().parents[1] / "export" / "sslfeatures_runtime.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    x = _clustered(600, d=16)
+    names = [f"item/{i}" for i in range(600)]
+    index = Index.from_vectors(x, names, kind=kind, metric=metric, **params)
+    index.remove(names[:20])
+    path = index.save(tmp_path / "v.index")
+    saved = kit.FaissIndex.load(path)
+    assert isinstance(saved, kit.SavedIndex) and len(saved) == 580 and saved.metric == metric
+    q = x[:40] + 0.01
+    want = [index.search(v, k=5) for v in q]
+    got = saved.search(q, k=5)
+    for w, g in zip(want, got):
+        assert [h.path for h in w] == [p for p, _ in g]
+        np.testing.assert_allclose([h.score for h in w], [s for _, s in g], atol=1e-5)
+    assert not {p for row in got for p, _ in row} & set(names[:20])
+    with pytest.raises(ValueError, match="not an sslfeatures index"):
+        (tmp_path / "junk.index").write_bytes(b"junk")
+        kit.FaissIndex.load(tmp_path / "junk.index")
+
+
 def test_load_reloads_the_recorded_encoder(encoder_dir, tiny_images, tmp_path):
     index = Index.build(str(encoder_dir), tiny_images, progress=False)
     assert index.encoder_path == os.path.abspath(encoder_dir)
