@@ -24,8 +24,8 @@ from safetensors.torch import save as st_save
 from ..utils import atomic_write_bytes, atomic_write_json
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _flatten_optimizer(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -80,16 +80,22 @@ def _previous(folder: Path) -> str:
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 1) -> Path:
+                    optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 1, *,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write ``ckpt-<step>.safetensors`` + ``latest.json`` atomically; prune older files.
+
+    ``model_state`` / ``optimizer_state``: full state dicts to write instead of
+    ``model.state_dict()`` / ``optimizer.state_dict()`` (a sharded FSDP model gathers them
+    on every process first).
 
     A write that fails (``ENOSPC``...) raises :class:`CheckpointWriteError` naming the step,
     the folder and the cause; the half-written file is removed and the previous checkpoint
     stays the one ``latest.json`` points to.
     """
     folder = Path(folder)
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    otensors, ometa = _flatten_optimizer(optimizer)
+    tensors = {f"model/{k}": v for k, v in (model.state_dict() if model_state is None else model_state).items()}
+    otensors, ometa = _flatten_optimizer(optimizer if optimizer_state is None else optimizer_state)
     tensors.update(otensors)
     name = f"ckpt-{step:08d}.safetensors"
     for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
@@ -116,6 +122,21 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Restore model (and optimiser) from ``folder/latest.json``; returns its metadata."""
+    model_sd, osd, meta = read_checkpoint(folder, map_location)
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {Path(folder) / meta['file']} does not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}): was it written with a different method, backbone or config?")
+    if optimizer is not None:
+        optimizer.load_state_dict(osd)
+    return meta
+
+
+def read_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(model state dict, optimizer state dict, metadata)`` of ``folder/latest.json``'s
+    checkpoint, without loading them into anything (optimizer tensors on ``map_location``)."""
     folder = Path(folder)
     ptr = folder / "latest.json"
     if not ptr.exists():
@@ -134,15 +155,9 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
     except Exception as e:  # safetensors raises its own error type for a damaged header
         raise RuntimeError(f"checkpoint {path} is damaged ({e}); it cannot be resumed from") from None
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {path} does not match the model (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}): was it written with a different method, backbone or config?")
-    if optimizer is not None:
-        osd = _unflatten_optimizer({k: v.to(map_location) for k, v in tensors.items()}, meta["optimizer"])
-        optimizer.load_state_dict(osd)
-    return meta
+    osd = _unflatten_optimizer({k: v.to(map_location) for k, v in tensors.items() if k.startswith("optim/")},
+                               meta["optimizer"])
+    return model_sd, osd, meta
 
 
 def has_checkpoint(folder: str | os.PathLike) -> bool:

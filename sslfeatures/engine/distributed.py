@@ -66,14 +66,39 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init_from_env() -> None:
-    """Join the process group torchrun describes in the environment (no-op otherwise)."""
+def init_from_env(timeout_s: float | None = None) -> None:
+    """Join the process group torchrun describes in the environment (no-op otherwise).
+
+    ``timeout_s``: how long joining, and later any collective, may wait for a peer before
+    failing (a process that died or hangs) instead of blocking the others forever.
+    """
     import os
+    from datetime import timedelta
 
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    kwargs = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+class PeerLostError(RuntimeError):
+    """Another process of a distributed run died or stopped answering; this one stops too."""
+
+
+_COMM_FAILURE_WORDS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
+                       "gloo", "nccl", "processgroup", "process group", "socket", "peer")
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (a peer process gone or hung)."""
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(exc, backend_error):
+        return True
+    if isinstance(exc, (RuntimeError, OSError)) and not isinstance(exc, PeerLostError):
+        text = str(exc).lower()
+        return any(w in text for w in _COMM_FAILURE_WORDS)
+    return False
 
 
 def barrier() -> None:

@@ -7,13 +7,15 @@ encoder (``model.safetensors`` + ``config.json``) in the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ from ..data import ArrayImages, BadFileReport, ImageFolder, TrainStream
 from ..methods import StepInfo, get_method
 from ..utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, resolve_precision
 from . import distributed as dist
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from . import scale
+from .checkpoint import has_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_config
 from .monitor import collapse_stats, is_collapsed
 from .optim import build_optimizer, param_groups
@@ -46,8 +49,10 @@ MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite="skip": this many bad batches in a ro
 def _grads_finite(params: list[torch.nn.Parameter], total_norm: torch.Tensor | None) -> torch.Tensor:
     """A 0-dim bool tensor: every gradient is finite (no host sync here)."""
     if total_norm is not None:  # clip_grad_norm_ already reduced them: NaN/Inf propagate into the norm
-        return torch.isfinite(total_norm)
+        full = getattr(total_norm, "full_tensor", None)  # a DTensor under FSDP
+        return torch.isfinite(full() if full is not None else total_norm)
     grads = [p.grad for p in params if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this process's shards
     if not grads:
         return torch.ones((), dtype=torch.bool)
     return torch.stack(torch._foreach_norm(grads)).isfinite().all()
@@ -92,6 +97,18 @@ def _default_output_dir(method: str) -> Path:
 
 def _step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7919 + 12345) % (2**63 - 1)
+
+
+def _micro_seed(seed: int, step: int, slot: int) -> int:
+    """The RNG seed (augmentations, masks) of one micro-batch of optimizer step ``step``.
+
+    ``slot = rank x accumulate_steps + micro`` is where the micro-batch's images sit in the
+    step's global batch, so the same images get the same random draws whatever the split
+    into processes and micro-batches (2 processes x 1 == 1 process x 2 micro-batches).
+    Slot 0 keeps the single-process seed of earlier versions.
+    """
+    base = _step_seed(seed, step)
+    return base if slot == 0 else (base + int(slot) * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 
 class Pretrainer:
@@ -147,12 +164,43 @@ class Pretrainer:
         ``resume=True`` continues from ``output_dir``'s last checkpoint, reproducing the
         uninterrupted run exactly (same seed, same batches, same augmentations).
         ``max_steps`` stops early (the schedules still span the full run), e.g. for tests.
+
+        Under ``torchrun`` every process calls ``fit`` with the same arguments (see the
+        README's "Scaling out"); if another process dies or stops answering, this one raises
+        :class:`~sslfeatures.engine.distributed.PeerLostError` naming the checkpoint to
+        resume from, instead of waiting forever.
         """
+        try:
+            return self._fit(data, output_dir, resume, overwrite, max_steps)
+        except Exception as exc:
+            if not (dist.is_distributed() and dist.world_size() > 1 and dist.is_comm_failure(exc)):
+                raise
+            out = getattr(self, "_output_dir", None)
+            ckdir = out / "checkpoints" if out is not None else None
+            latest = None
+            if ckdir is not None and has_checkpoint(ckdir):
+                with contextlib.suppress(OSError, ValueError):
+                    latest = json.loads((ckdir / "latest.json").read_text()).get("step")
+            kept = (f"the last checkpoint (step {latest}) is in {ckdir}: start the job again with resume=True "
+                    "(sslfeatures pretrain --resume) to continue from it") if latest is not None else \
+                "no checkpoint had been written yet"
+            first = " ".join(str(exc).split())[:300]
+            msg = (f"process {dist.rank()} of {dist.world_size()}: another process of this run died or stopped "
+                   f"answering ({type(exc).__name__}: {first}); {kept}")
+            log.error(msg)
+            raise dist.PeerLostError(msg) from exc
+
+    def _fit(self, data: Any, output_dir: str | os.PathLike | None, resume: bool, overwrite: bool,
+             max_steps: int | None) -> Run:
         cfg = self.cfg
+        accum = int(cfg.accumulate_steps)
+        if accum < 1:
+            raise ValueError(f"accumulate_steps must be 1 or more, got {cfg.accumulate_steps}")
         if resume and output_dir is None:
             raise ValueError("resume=True needs the output_dir of the run to continue")
         out = Path(output_dir) if output_dir is not None else _default_output_dir(cfg.method)
         ckdir = out / "checkpoints"
+        self._output_dir = out
         if has_checkpoint(ckdir) and not resume and not overwrite:
             raise FileExistsError(
                 f"{out} already holds a training run; pass resume=True to continue it, "
@@ -160,7 +208,7 @@ class Pretrainer:
         if resume and not has_checkpoint(ckdir):
             raise FileNotFoundError(f"resume=True but {out} has no checkpoint to resume from")
 
-        dist.init_from_env()
+        dist.init_from_env(cfg.dist_timeout)
         device = resolve_device(cfg.device)
         if dist.is_distributed() and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank())
@@ -173,23 +221,44 @@ class Pretrainer:
         source = self._source(data, load_size)
         report = BadFileReport(strict=cfg.strict)
         stream_cls = getattr(source, "stream_class", TrainStream)  # e.g. PairStream for captioned images
-        stream = stream_cls(source, cfg.batch_size, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
+        # with accumulation each process takes batch_size x accumulate_steps images per optimizer
+        # step and trains on them in accumulate_steps slices (scale.split_micro_batches)
+        stream = stream_cls(source, cfg.batch_size * accum, seed=cfg.seed, cache_bytes=cfg.cache_bytes,
                             num_workers=cfg.num_workers, report=report, rank=dist.rank(),
                             world_size=dist.world_size(), progress=cfg.progress and main)
 
         torch.manual_seed(cfg.seed)
         method = self.build().to(device)
         cnn = not method.backbone.is_vit
+        sharded = cfg.strategy == "fsdp"
+        if sharded and amp_dtype == torch.float16:
+            raise ValueError("strategy='fsdp' trains in fp32 or bf16 (precision='bf16'); fp16 needs a sharded "
+                             "gradient scaler that the engine does not use")
+        if sharded and hasattr(method, "save_artifacts"):
+            raise ValueError(f"strategy='fsdp' does not support {cfg.method} (it saves more than the encoder); "
+                             "use strategy='ddp'")
+        if cfg.grad_checkpointing:
+            scale.enable_grad_checkpointing(method)
+        sync_bn = cfg.sync_bn if cfg.sync_bn is not None else scale.has_batchnorm(method)
+        if sync_bn and dist.world_size() > 1:
+            method = scale.convert_sync_batchnorm(method, device)
         if cfg.channels_last and cnn:
             method = method.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            scale.compile_backbone(method)
         model = method
-        if dist.is_distributed():
+        if sharded:
+            scale.apply_fsdp(method, device)
+        elif dist.is_distributed():
             model = torch.nn.parallel.DistributedDataParallel(
                 method, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False)
+        note = scale.accumulation_warning(method, accum)
+        if note and main:
+            log.warning(note)
         make_groups = getattr(method, "param_groups", None)  # a method may scale a module's lr (a GAN's discriminator)
         groups = make_groups(cfg.weight_decay) if make_groups else param_groups(method.trainable_modules(), cfg.weight_decay)
-        global_batch = cfg.batch_size * dist.world_size()
+        global_batch = cfg.batch_size * dist.world_size() * accum  # images per optimizer step
         peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
         optimizer = build_optimizer(cfg.optimizer, groups, peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -201,8 +270,13 @@ class Pretrainer:
         last_good: int | None = None  # the step of the newest checkpoint on disk
         skipped: list[int] = []
         if resume:
-            meta = load_checkpoint(ckdir, method, optimizer, map_location=device)
+            if sharded:  # every process reads the full tensors and keeps its shard
+                model_sd, optim_sd, meta = read_checkpoint(ckdir, map_location="cpu")
+                scale.load_full_state_dicts(method, optimizer, model_sd, optim_sd)
+            else:
+                meta = load_checkpoint(ckdir, method, optimizer, map_location=device)
             step = last_good = int(meta["step"])
+            step = _resume_step(meta, step, spe, global_batch, peak_lr, main)
             metrics = _read_metrics(out / "metrics.csv", step)
             if main:
                 log.info("resuming %s from step %d", out, step)
@@ -224,8 +298,8 @@ class Pretrainer:
         while step < stop_at:
             epoch, start = divmod(step, spe)
             for batch in stream.epoch(epoch, start):
-                info = StepInfo(step, total, epoch, spe)
-                torch.manual_seed(_step_seed(cfg.seed, step))
+                info = StepInfo(step, total, epoch, spe, 0, accum)
+                torch.manual_seed(_micro_seed(cfg.seed, step, dist.rank() * accum))
                 lr = warmup_cosine(step, total, warmup, peak_lr, cfg.min_lr)
                 wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine(
                     info.progress, cfg.weight_decay, cfg.weight_decay_end)
@@ -233,19 +307,27 @@ class Pretrainer:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                     if g.get("apply_wd", True):
                         g["weight_decay"] = wd
-                extras: dict[str, Any] = {}
-                if isinstance(batch, dict):  # a source with more than images (captions): the rest goes to the method
-                    extras = {k: v for k, v in batch.items() if k != "images"}
-                    batch = batch["images"]
-                batch = batch.to(device, non_blocking=True)
-                views = method.views(batch, cfg.image_size)
-                if cfg.channels_last and cnn:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                with autocast(device, amp_dtype):
-                    outs = model(views, info, **extras)
-                loss = outs["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                loss = None
+                for micro, part in enumerate(scale.split_micro_batches(batch, accum)):
+                    if micro:
+                        torch.manual_seed(_micro_seed(cfg.seed, step, dist.rank() * accum + micro))
+                    extras: dict[str, Any] = {}
+                    if isinstance(part, dict):  # a source with more than images (captions): the rest goes to the method
+                        extras = {k: v for k, v in part.items() if k != "images"}
+                        part = part["images"]
+                    part = part.to(device, non_blocking=True)
+                    views = method.views(part, cfg.image_size)
+                    if cfg.channels_last and cnn:
+                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    # micro-batches before the last skip DDP's gradient all-reduce; the gradients add up
+                    with scale.gradient_sync(model, micro == accum - 1):
+                        with autocast(device, amp_dtype):
+                            outs = model(views, replace(info, micro_step=micro) if accum > 1 else info, **extras)
+                        micro_loss = outs["loss"]
+                        scaler.scale(micro_loss / accum if accum > 1 else micro_loss).backward()
+                    part_loss = micro_loss.detach() / accum if accum > 1 else micro_loss
+                    loss = part_loss if loss is None else loss + part_loss
                 scaler.unscale_(optimizer)
                 method.before_optimizer_step(info)
                 total_norm = None
@@ -285,25 +367,40 @@ class Pretrainer:
                     metrics.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
                 end_of_epoch = step % spe == 0
-                if main and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == stop_at):
-                    if end_of_epoch or step == stop_at:
-                        stats = _monitor(method, probe, device, cfg, amp_dtype)
-                        metrics.append({"step": step, "epoch": round(step / spe, 4), **stats})
-                        if is_collapsed(stats):
-                            log.warning("representation collapse at step %d: %s (all images map to nearly the "
-                                        "same embedding)", step, ", ".join(f"{k}={v:.4f}" for k, v in stats.items()))
-                    save_checkpoint(ckdir, step, method, optimizer,
-                                    {"epoch": epoch, "method": cfg.method, "total_steps": total})
-                    last_good = step
-                    _write_metrics(out, metrics)
+                if (main or sharded) and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == stop_at):
+                    # FSDP: every process takes part in gathering the full state; rank 0 writes it
+                    model_sd, optim_sd = scale.full_state_dicts(method, optimizer) if sharded else (None, None)
+                    if main:
+                        if end_of_epoch or step == stop_at:
+                            watched = method if not sharded else _EncoderOnly(self._unsharded_backbone(method, model_sd))
+                            stats = _monitor(watched, probe, device, cfg, amp_dtype)
+                            metrics.append({"step": step, "epoch": round(step / spe, 4), **stats})
+                            if is_collapsed(stats):
+                                log.warning("representation collapse at step %d: %s (all images map to nearly the "
+                                            "same embedding)", step,
+                                            ", ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+                        save_checkpoint(ckdir, step, method, optimizer,
+                                        {"epoch": epoch, "method": cfg.method, "total_steps": total,
+                                         "steps_per_epoch": spe, "global_batch": global_batch,
+                                         "batch_size": cfg.batch_size, "world_size": dist.world_size(),
+                                         "accumulate_steps": accum, "peak_lr": peak_lr},
+                                        model_state=model_sd, optimizer_state=optim_sd)
+                        last_good = step
+                        _write_metrics(out, metrics)
                 if step >= stop_at:
                     break
         bar.close()
         seconds = time.perf_counter() - t_start
+        final_backbone = None
+        if sharded:  # gathering the shards is a collective: every process takes part
+            final_backbone = self._unsharded_backbone(method, scale.full_state_dicts(method, None)[0])
         if main:
             from ..encoder import Encoder
 
-            enc = Encoder(method.encoder_backbone(), _encoder_config(cfg, method))
+            if final_backbone is None:
+                scale.revert_sync_batchnorm(method)  # the saved encoder has plain BatchNorm layers
+                final_backbone = method.encoder_backbone()
+            enc = Encoder(final_backbone, _encoder_config(cfg, method))
             enc.save_pretrained(out)
             if hasattr(method, "save_artifacts"):  # what a method ships besides the encoder (CLIP's text tower)
                 method.save_artifacts(out)
@@ -315,6 +412,56 @@ class Pretrainer:
             log.warning("%d batch(es) with a non-finite loss or gradient were skipped: steps %s", len(skipped),
                         skipped[:20])
         return Run(out, self.full_config(), metrics, dict(report.entries), step, seconds, skipped)
+
+
+    def _unsharded_backbone(self, method, model_sd: dict[str, torch.Tensor]):
+        """A plain (unsharded) copy of ``method``'s encoder backbone holding ``model_sd``'s weights."""
+        target = method.encoder_backbone()
+        prefix = next(name for name, mod in method.named_modules() if mod is target)
+        cfg = self.cfg
+        bb = create_backbone(cfg.backbone, image_size=cfg.image_size, stem=cfg.stem, patch_size=cfg.patch_size,
+                             pooling=cfg.pooling, **cfg.backbone_kwargs)
+        head = f"{prefix}." if prefix else ""
+        bb.load_state_dict({k[len(head):]: v for k, v in model_sd.items() if k.startswith(head)})
+        return bb
+
+
+class _EncoderOnly(torch.nn.Module):
+    """What :func:`_monitor` needs of a method, for an unsharded copy of its encoder."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def encoder_backbone(self) -> torch.nn.Module:
+        return self.backbone
+
+
+def _resume_step(meta: dict[str, Any], step: int, spe: int, global_batch: int, peak_lr: float, main: bool) -> int:
+    """The optimizer step to continue from, in this run's numbering.
+
+    With the same images per optimizer step (``batch_size x world_size x accumulate_steps``)
+    the step is the checkpoint's, and every step sees the same images as the uninterrupted
+    run, whatever the number of processes. With another global batch the position is kept
+    in epochs and images (epoch boundaries stay where they were) and the schedules are
+    re-derived for the new number of steps: that run is not a replay of the original.
+    """
+    old_gb, old_spe = meta.get("global_batch"), meta.get("steps_per_epoch")
+    old_world = meta.get("world_size")
+    if old_gb is None or old_spe is None or (int(old_gb) == global_batch and int(old_spe) == spe):
+        if main and old_world is not None and int(old_world) != dist.world_size():
+            log.info("resuming a %s-process run on %d process(es) with the same global batch (%d): the same "
+                     "images per step", old_world, dist.world_size(), global_batch)
+        return step
+    epoch, pos = divmod(step, int(old_spe))
+    new = epoch * spe + min(spe, (pos * int(old_gb)) // global_batch)
+    if main:
+        old_lr = meta.get("peak_lr")
+        log.warning("resuming with a global batch of %d images per step (the checkpoint used %d): continuing at "
+                    "step %d of the new schedule (step %d before); schedules are re-derived%s; this is not an "
+                    "exact continuation of the original run", global_batch, int(old_gb), new, step,
+                    f", peak lr {peak_lr:.3g} (was {old_lr:.3g})" if old_lr is not None and old_lr != peak_lr else "")
+    return new
 
 
 def _encoder_config(cfg: TrainConfig, method) -> dict[str, Any]:
