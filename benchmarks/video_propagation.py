@@ -171,6 +171,23 @@ def train_dino(out: Path, data: Path, steps: int, threads: int) -> tuple[Path, d
     return Path(run.output_dir), info
 
 
+def train_video_colorization(out: Path, videos: Path, steps: int, threads: int) -> tuple[Path, dict]:
+    """Vondrick et al.'s colorization-as-tracking pretext task on the real videos of
+    ../shared/data/video/ (not the synthetic clip): ResNet-18 at half width with stride-8
+    features, 128 px grayscale frames, 3 reference frames + 1 target, 16 k-means colours,
+    batch 8; the recipe's losses and temperature otherwise."""
+    t0, c0 = time.time(), cpu_seconds()
+    pre = Pretrainer("video_colorization", backbone="resnet18", image_size=128, batch_size=8, epochs=50, lr=1e-3,
+                     warmup_epochs=0, embed_dim=64, decode_stride=2, frame_gap=2, num_workers=0, precision="fp32",
+                     backbone_kwargs={"channels": [32, 64, 128, 256], "output_stride": 8},
+                     views=[{"scale": [0.7, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}])
+    run = pre.fit(str(videos), output_dir=out, overwrite=True, max_steps=steps)
+    info = {"steps": run.steps, "final_loss": round(run.final_loss, 4), "wall_min": round((time.time() - t0) / 60, 2),
+            "cpu_min": round((cpu_seconds() - c0) / 60, 2), "threads": threads,
+            "videos": sorted(p.name for p in videos.iterdir() if p.suffix in (".mp4", ".avi", ".webm"))}
+    return Path(run.output_dir), info
+
+
 # -- 2. the real clip ------------------------------------------------------------------------------
 def carphone_first_mask(frame: np.ndarray) -> np.ndarray:
     """Label map of carphone's frame 0 from colour thresholds: 1 = bow tie, 2 = face."""
@@ -225,7 +242,19 @@ def part_synthetic(args, out: Path, lite: Encoder, rand_lite: Encoder) -> dict:
     copy = evaluate_sequence([labels[0]] * len(labels), labels)
     rows = [{"encoder": "copy the first mask", "layer": "-", "stride": "-", **copy.to_dict(),
              "per_object_J": {k: round(v["J-Mean"], 3) for k, v in copy.per_object.items()}}]
-    candidates = [
+    candidates = []
+    if args.colorization_steps > 0:
+        vc_dir, report["video_colorization"] = train_video_colorization(
+            out / "video_colorization_run", Path(args.videos), args.colorization_steps, args.threads)
+        print("video colorization:", report["video_colorization"])
+        vc = Encoder.from_pretrained(vc_dir)
+        vbb = vc.config["backbone"]
+        rand_vc = Encoder.random_init(vbb["name"], image_size=vc.image_size, stem=vbb.get("stem", "default"),
+                                      backbone_kwargs=dict(vbb.get("timm_kwargs") or {}))
+        candidates += [("random init ResNet-18/2 (stride 8, RGB)", rand_vc, None),
+                       (f"video colorization ResNet-18/2 (here, {report['video_colorization']['steps']} steps, "
+                        "L input)", vc, None)]
+    candidates += [
         ("random init ViT-Ti/8-6", rand_vit, None),
         (f"DINO ViT-Ti/8-6 (here, {report['dino'].get('steps', '?')} steps)", dino, None),
         ("random init EfficientNet-Lite0", rand_lite, None),
@@ -308,6 +337,10 @@ def main() -> None:
                     choices=["synthetic", "carphone", "fps"])
     ap.add_argument("--run", help="a DINO run folder to use instead of training one here")
     ap.add_argument("--dino-steps", type=int, default=120)
+    ap.add_argument("--colorization-steps", type=int, default=120,
+                    help="train the video-colorization method this many steps (0: leave its rows out)")
+    ap.add_argument("--videos", default=str(ROOT.parent / "shared" / "data" / "video"),
+                    help="the real videos the video-colorization method trains on")
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fps-frames", type=int, default=8)
