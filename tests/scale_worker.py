@@ -9,6 +9,9 @@ own launcher, which sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as torchrun doe
 ``python tests/scale_worker.py syncbn DIR``
     One training step of a BatchNorm model on this process's half of the batch in
     ``DIR/syncbn.in.pt``, with SyncBatchNorm and DDP; rank 0 saves loss and gradients.
+``python tests/scale_worker.py many LIST.json``
+    Each ``[task, arg]`` of the list in turn, in the same processes (one launch, one
+    process group: launching costs more than the tasks on a small CPU).
 """
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ def _syncbn(workdir: Path) -> int:
     from sslfeatures.engine import scale
     from test_scale import syncbn_model, syncbn_step
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = torch.load(workdir / "syncbn.in.pt", weights_only=True)
     model = syncbn_model()
@@ -74,12 +78,25 @@ def _syncbn(workdir: Path) -> int:
     if rank == 0:
         torch.save(out, workdir / "syncbn.ddp.pt")
     dist.barrier()
-    dist.destroy_process_group()
     return 0
+
+
+def _many(list_path: Path) -> int:
+    for task, arg in json.loads(list_path.read_text()):
+        rc = TASKS[task](Path(arg))
+        if rc:
+            return rc
+    return 0
+
+
+TASKS = {"fit": _fit, "syncbn": _syncbn, "many": _many}
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     task, arg = sys.argv[1], Path(sys.argv[2])
-    sys.exit(_fit(arg) if task == "fit" else _syncbn(arg))
+    code = TASKS[task](arg)
+    if torch.distributed.is_initialized() and code == 0:
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

@@ -294,36 +294,67 @@ def apply_fsdp(method: nn.Module, device: torch.device) -> nn.Module:
 def full_state_dicts(method: nn.Module, optimizer: torch.optim.Optimizer | None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Gather a sharded model's full state dict (and the optimizer's, in ``optimizer.state_dict()``
-    layout: integer parameter ids) on every process, on the CPU. A collective: every
-    process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    model_sd = {k: v.detach().cpu() for k, v in get_model_state_dict(method, options=opts).items()}
+    layout: integer parameter ids) on every process, on the CPU. A collective (one all-gather
+    per sharded tensor, in the same order everywhere): every process must call it."""
+    # sorted keys: the order of a loaded optimizer's state differs between processes (string
+    # hashing is seeded per process) and every all-gather must meet its partner
+    msd = method.state_dict()
+    model_sd = {k: _full(msd[k]).detach().cpu() for k in sorted(msd)}
     if optimizer is None:
         return model_sd, None
     osd = optimizer.state_dict()
     state = {}
-    for pid, st in osd["state"].items():
-        state[pid] = {k: (_full(v).cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+    for pid in sorted(osd["state"]):
+        st = osd["state"][pid]
+        state[pid] = {k: (_full(st[k]).cpu() if isinstance(st[k], torch.Tensor) else st[k]) for k in sorted(st)}
     return model_sd, {"state": state, "param_groups": osd["param_groups"]}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)
+    full = getattr(t, "full_tensor", None)  # a DTensor (FSDP2 shard): all-gather it
     return full() if full is not None else t
+
+
+def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``full`` in the layout of the DTensor ``like`` (FSDP2: dim-0
+    chunks as ``torch.chunk`` cuts them), without any communication."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, (placement,) = like.device_mesh, like.placements
+    if isinstance(placement, Replicate):
+        return full
+    if not isinstance(placement, Shard) or mesh.ndim != 1:
+        raise NotImplementedError(f"loading a full checkpoint into {placement} over a {mesh.ndim}-D mesh")
+    chunks = torch.chunk(full, mesh.size(), dim=placement.dim)
+    rank = mesh.get_local_rank()
+    if rank < len(chunks):
+        return chunks[rank]
+    shape = list(full.shape)
+    shape[placement.dim] = 0
+    return full.new_empty(shape)
 
 
 def load_full_state_dicts(method: nn.Module, optimizer: torch.optim.Optimizer | None,
                           model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any] | None) -> None:
-    """Load full (unsharded) state dicts into a sharded model and its optimizer (every
-    process holds the same full tensors; each keeps its shard)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Load full (unsharded) state dicts into a sharded model and its optimizer: every
+    process holds the same full tensors and copies out its own shard (no communication)."""
+    from torch.distributed.tensor import DTensor
 
-    set_model_state_dict(method, model_sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    own = method.state_dict(keep_vars=True)
+    missing, unexpected = sorted(own.keys() - model_sd.keys()), sorted(model_sd.keys() - own.keys())
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model (missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}): was it written with a different method, backbone or config?")
+    with torch.no_grad():
+        for k, dst in own.items():
+            src = model_sd[k]
+            if isinstance(dst, DTensor):
+                dst.to_local().copy_(_local_slice(src, dst))
+            else:
+                dst.copy_(src)
     if optimizer is None or optim_sd is None:
         return
-    params = {i: p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    params = list(p for g in optimizer.param_groups for p in g["params"])
     state = {}
     for pid, st in optim_sd["state"].items():
         p = params[int(pid)]
@@ -333,12 +364,13 @@ def load_full_state_dicts(method: nn.Module, optimizer: torch.optim.Optimizer | 
 
 
 def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None:
-        return full.to(param.device)
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor
 
-    return distribute_tensor(full.to(param.to_local().device), mesh, param.placements)
+    if not isinstance(param, DTensor) or full.shape != param.shape:
+        return full.to(param.device if not isinstance(param, DTensor) else param.to_local().device)
+    local = _local_slice(full, param).to(param.to_local().device).clone()
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
 
 
 __all__ = ["split_micro_batches", "accumulation_warning", "gradient_sync", "has_batchnorm",
