@@ -53,7 +53,8 @@ def _cmd_pretrain(args) -> int:
     from .engine import Pretrainer
 
     overrides = _parse_set(args.set)
-    for key in ("epochs", "batch_size", "image_size", "lr", "precision", "seed", "stem", "patch_size", "device"):
+    for key in ("epochs", "batch_size", "image_size", "lr", "precision", "seed", "stem", "patch_size", "device",
+                "accumulate_steps", "sync_bn", "strategy", "grad_checkpointing", "compile"):
         val = getattr(args, key)
         if val is not None:
             overrides[key] = val
@@ -62,6 +63,20 @@ def _cmd_pretrain(args) -> int:
                 max_steps=args.max_steps)
     print(json.dumps({"output_dir": str(run.output_dir), "steps": run.steps, "final_loss": run.final_loss,
                       "minutes": round(run.seconds / 60, 2), "bad_files": len(run.bad_files)}, indent=2))
+    return 0
+
+
+def _cmd_shard(args) -> int:
+    from .data import BadFileReport
+    from .data.shards import write_shards
+
+    report = BadFileReport()
+    paths = write_shards(args.folder, args.out, max_count=args.max_count, prefix=args.prefix,
+                         shuffle=not args.no_shuffle, seed=args.seed, report=report)
+    n = json.loads((Path(args.out) / "shards.json").read_text())["samples"]
+    last = paths[-1].name
+    print(json.dumps({"shards": len(paths), "samples": n, "skipped": len(report),
+                      "pattern": str(Path(args.out) / f"{args.prefix}-{{000000..{last[-10:-4]}}}.tar")}, indent=2))
     return 0
 
 
@@ -490,7 +505,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="any recipe or method option, e.g. --set temperature=0.2 warmup_epochs=1")
+    p.add_argument("--accumulate-steps", dest="accumulate_steps", type=int,
+                   help="micro-batches per optimizer step (effective batch = batch size x processes x this)")
+    p.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm statistics over all processes (default: on with several processes)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="data parallel (default) or fully sharded")
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true", default=None,
+                   help="recompute ViT blocks in backward to save activation memory")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
     p.set_defaults(fn=_cmd_pretrain)
+
+    p = sub.add_parser("shard", help="write WebDataset tar shards from a folder of images")
+    p.add_argument("folder", help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for <prefix>-000000.tar ... and shards.json")
+    p.add_argument("--max-count", dest="max_count", type=int, default=1000, help="images per shard")
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--no-shuffle", dest="no_shuffle", action="store_true",
+                   help="keep the sorted file order (default: a seeded shuffle, so each shard is a random sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("embed", help="embed images with a pre-trained encoder")
     p.add_argument("--model", required=True, help="run/exported folder, .safetensors file or hub id")

@@ -152,6 +152,10 @@ class Pretrainer:
             from ..data.pairs import ImageTextPairs
 
             return ImageTextPairs(data, size=size)
+        from ..data.shards import ShardSource, is_shard_spec
+
+        if is_shard_spec(data):  # WebDataset tar shards: streamed, split over processes and workers
+            return ShardSource(data, size=size)
         if isinstance(data, (str, os.PathLike)):
             return ImageFolder(data, size=size)
         return ArrayImages(data, size=size)
@@ -159,7 +163,9 @@ class Pretrainer:
     # -- training ---------------------------------------------------------------------
     def fit(self, data: Any, output_dir: str | os.PathLike | None = None, resume: bool = False,
             overwrite: bool = False, max_steps: int | None = None) -> Run:
-        """Train on ``data`` (an image folder, or a list/array of images) and save the encoder.
+        """Train on ``data`` (an image folder, WebDataset tar shards -- ``"shards/train-{000000..000009}.tar"``
+        or a folder of ``.tar`` files, see :mod:`sslfeatures.data.shards` -- or a list/array of
+        images) and save the encoder.
 
         ``resume=True`` continues from ``output_dir``'s last checkpoint, reproducing the
         uninterrupted run exactly (same seed, same batches, same augmentations).
