@@ -207,6 +207,16 @@ def test_compile_option_is_wired(tiny_images, tmp_path, monkeypatch):
     assert scale.compile_backbone(cnn) == 1 and compiled == ["ResNet"]
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="no C compiler: torch.compile's CPU backend (inductor) needs one")
+@pytest.mark.skipif(os.environ.get("SSLFEATURES_COMPILE_TEST") != "1",
+                    reason="a real inductor compile takes ~50 s on a 2-core CPU; set SSLFEATURES_COMPILE_TEST=1")
+def test_compile_really_trains(tiny_images, tmp_path):
+    run = Pretrainer("mae", **dict(MAE, **RUN, batch_size=8, epochs=1, compile=True)).fit(
+        tiny_images, output_dir=tmp_path / "r", max_steps=2)
+    assert run.steps == 2 and run.final_loss == run.final_loss
+
+
 # -- SyncBatchNorm ------------------------------------------------------------------------
 def syncbn_model() -> nn.Module:
     torch.manual_seed(0)
