@@ -19,7 +19,7 @@ Everything here is opt-in through :class:`~sslfeatures.engine.TrainConfig` keys:
     per BN layer per forward, small next to the gradient all-reduce; turn it off
     (``sync_bn=False``) to trade fidelity for speed. It changes nothing on one process.
 ``grad_checkpointing``
-    Recompute each ViT block in the backward pass (activation memory for ~30 % compute).
+    Recompute each ViT block in the backward pass (activation memory for one extra forward).
 ``compile``
     ``torch.compile`` of the backbone (its ViT blocks, or the whole CNN).
 ``strategy="fsdp"``

@@ -378,7 +378,7 @@ class Pretrainer:
                     model_sd, optim_sd = scale.full_state_dicts(method, optimizer) if sharded else (None, None)
                     if main:
                         if end_of_epoch or step == stop_at:
-                            watched = method if not sharded else _EncoderOnly(self._unsharded_backbone(method, model_sd))
+                            watched = _EncoderOnly(self._unsharded_backbone(method, model_sd)) if sharded else method
                             stats = _monitor(watched, probe, device, cfg, amp_dtype)
                             metrics.append({"step": step, "epoch": round(step / spe, 4), **stats})
                             if is_collapsed(stats):
