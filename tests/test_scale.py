@@ -354,6 +354,21 @@ def test_killed_rank_ends_the_job_and_resume_continues(tiny_images, tmp_path, ca
     assert any("continuing at step 8 of the new schedule" in r.message for r in caplog.records)
 
 
+def test_folder_stream_gives_each_process_its_own_share_reseeded_every_epoch():
+    """The per-process split of the image stream (what DistributedSampler with set_epoch does)."""
+    from sslfeatures.data import ArrayImages, TrainStream
+
+    images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(40)]  # pixel value = index
+    seen = {}
+    for epoch in (0, 1):
+        parts = [torch.cat(list(TrainStream(ArrayImages(images, size=8), 4, seed=5, num_workers=0, rank=r,
+                                            world_size=2, progress=False).epoch(epoch)))[:, 0, 0, 0].tolist()
+                 for r in range(2)]
+        assert len(parts[0]) == len(parts[1]) == 20 and not set(parts[0]) & set(parts[1])
+        seen[epoch] = parts
+    assert seen[0][0] != seen[1][0]  # another order (and share) every epoch
+
+
 # -- WebDataset tar shards ----------------------------------------------------------------
 SHARD_RUN = dict(MAE, **RUN, batch_size=8, epochs=1, checkpoint_every=100)
 
