@@ -49,7 +49,9 @@ CONFIG_SCHEMA: dict[str, tuple[Any, bool]] = {  # key -> (type, required)
 BACKBONE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "name": (str, True), "image_size": (int, False), "stem": (str, False), "patch_size": (Optional[int], False),
     "pooling": (str, False), "in_chans": (int, False), "registers": (int, False), "timm_kwargs": (dict, False),
-    "kind": (Optional[str], False),
+    "kind": (Optional[str], False), "norm": (str, False), "norm_groups": (int, False),
+    # Lab-input backbones (kind "lab" / "split_brain": colorization, split-brain, video colorization)
+    "lab_channels": (str, False), "input_mean": (list, False), "input_std": (list, False),
 }
 
 
