@@ -194,7 +194,8 @@ def main() -> None:
         emit({"row": "raw pixels", "knn": weighted_knn(xtr, ytr, xte, yte)["top1"],
               "linear": linear_probe(xtr, ytr, xte, yte)["top1"]})
         for name, cfg in (("ResNet-18/4 (quarter width, 3x3/2 stem) 28 px", CNN),
-                          ("ResNet-18/2 (half width, 3x3/2 stem) 28 px", CNN_HALF), ("ViT-Tiny/4, 6 blocks, 28 px", VIT)):
+                          ("ResNet-18/2 (half width, 3x3/2 stem) 28 px", CNN_HALF), ("ViT-Tiny/4, 6 blocks, 28 px", VIT),
+                          ("ViT-Tiny/7, 6 blocks, 28 px", dict(VIT, patch_size=7))):
             enc = Encoder.random_init(cfg["backbone"], image_size=28, stem=cfg.get("stem", "default"),
                                       patch_size=cfg.get("patch_size"), backbone_kwargs=cfg["backbone_kwargs"])
             emit({"row": f"random init {name}", **evaluate(enc, folders)})
