@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--knn-model", dest="knn_model", help="run/exported folder for the k-NN part")
     ap.add_argument("--no-knn", dest="knn", action="store_false")
+    ap.add_argument("--no-speed", dest="speed", action="store_false", help="only the k-NN part")
     ap.add_argument("--out", default="benchmarks/out/export_speed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,9 +183,12 @@ def main() -> None:
     machine["onnxruntime"] = onnxruntime.__version__
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="export-speed-") as tmp:
-        for name in args.models:
+        for name in args.models if args.speed else []:
             print(f"{name}: exporting and timing", flush=True)
-            rows += speed_rows(name, MODELS[name]["backbone"], args.batches, seconds, compile_, args.threads, Path(tmp))
+            new = speed_rows(name, MODELS[name]["backbone"], args.batches, seconds, compile_, args.threads, Path(tmp))
+            with open(out / "results.jsonl", "a") as fh:  # kept even if a later part fails
+                fh.writelines(json.dumps({**machine, **r}) + "\n" for r in new)
+            rows += new
         if args.knn:
             model = args.knn_model or ("demo_out/run" if Path("demo_out/run/model.safetensors").exists() else None)
             n_train, n_test = (2000, 500) if args.quick else (10000, 2000)
@@ -192,7 +196,8 @@ def main() -> None:
             rows += knn_rows(model, n_train, n_test, args.threads, Path(tmp))
     with open(out / "results.jsonl", "a") as fh:
         for r in rows:
-            fh.write(json.dumps({**machine, **r}) + "\n")
+            if r["part"] != "speed":  # speed rows were written as each model finished
+                fh.write(json.dumps({**machine, **r}) + "\n")
     print(f"\n{json.dumps(machine)}\n")
     print("| model | batch | backend | images/s | vs eager fp32 |\n|---|---|---|---|---|")
     for r in rows:
