@@ -9,8 +9,8 @@ contrastive or batch-statistics loss that forgot to gather, or gathered without 
 fails this (lightly shipped that bug twice).
 
 BatchNorm layers are put in eval mode on both sides: their batch statistics are per process
-by design (sharing them is SyncBatchNorm's job, which needs a GPU), and what is under test is
-every cross-sample term of the losses.
+by design (sharing them is the `sync_bn` option's job, tested in tests/test_scale.py), and
+what is under test is every cross-sample term of the losses.
 
 Run as a script (``torchrun --nproc-per-node 2 tests/test_distributed.py --worker DIR``)
 this file is the worker.
