@@ -141,17 +141,42 @@ class _SSLBackend:
         return self.text_encoder.encode(list(texts), batch_size=batch_size)
 
 
-class _HFBackend:
+class _PretrainedCLIP:
+    """What the pretrained CLIP backends share: a frozen model on a device, and batched,
+    l2-normalised embeddings built from each backend's ``pixel_values``/``image_features``
+    and ``tokenize``/``text_features``."""
+
+    def __init__(self, model: Any, device: Any = None):
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.model.requires_grad_(False)
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Any, batch_size: int) -> np.ndarray:
+        pils = _as_pils(images)
+        out = [F.normalize(self.image_features(self.pixel_values(pils[i:i + batch_size]).to(self.device)).float(), dim=-1)
+               for i in range(0, len(pils), batch_size)]
+        return torch.cat(out).cpu().numpy()
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            out.append(F.normalize(self.text_features(**tok).float(), dim=-1))
+        return torch.cat(out).cpu().numpy()
+
+
+class _HFBackend(_PretrainedCLIP):
     """A ``transformers`` CLIPModel with its tokenizer (and image processor when saved)."""
 
     name = "transformers"
 
     def __init__(self, model: Any, tokenizer: Any, processor: Any = None, device: Any = None):
-        self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
-        self.model.requires_grad_(False)
+        super().__init__(model, device)
         self.tokenizer, self.processor = tokenizer, processor
-        self.logit_scale = float(self.model.logit_scale.detach().exp())
         vc = self.model.config.vision_config
         self.image_size = int(vc.image_size)
         self.context_length = int(self.model.config.text_config.max_position_embeddings)
@@ -208,34 +233,15 @@ class _HFBackend:
         pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return self.model.text_projection(pooled)
 
-    @torch.no_grad()
-    def image_embeddings(self, images: Any, batch_size: int) -> np.ndarray:
-        pils = _as_pils(images)
-        out = [F.normalize(self.image_features(self.pixel_values(pils[i:i + batch_size]).to(self.device)).float(), dim=-1)
-               for i in range(0, len(pils), batch_size)]
-        return torch.cat(out).cpu().numpy()
 
-    @torch.no_grad()
-    def text_embeddings(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        texts = list(texts)
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tok = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-            out.append(F.normalize(self.text_features(**tok).float(), dim=-1))
-        return torch.cat(out).cpu().numpy()
-
-
-class _OpenCLIPBackend:
+class _OpenCLIPBackend(_PretrainedCLIP):
     """An open_clip model (``create_model_and_transforms``) with its tokenizer."""
 
     name = "open_clip"
 
     def __init__(self, model: Any, preprocess: Any, tokenizer: Any, spec: dict[str, Any], device: Any = None):
-        self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
-        self.model.requires_grad_(False)
+        super().__init__(model, device)
         self.preprocess, self.tokenizer, self.spec = preprocess, tokenizer, dict(spec)
-        self.logit_scale = float(self.model.logit_scale.detach().exp())
 
     @staticmethod
     def _module():
@@ -272,20 +278,6 @@ class _OpenCLIPBackend:
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.encode_text(input_ids)
-
-    @torch.no_grad()
-    def image_embeddings(self, images: Any, batch_size: int) -> np.ndarray:
-        pils = _as_pils(images)
-        out = [F.normalize(self.image_features(self.pixel_values(pils[i:i + batch_size]).to(self.device)).float(), dim=-1)
-               for i in range(0, len(pils), batch_size)]
-        return torch.cat(out).cpu().numpy()
-
-    @torch.no_grad()
-    def text_embeddings(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        texts = list(texts)
-        out = [F.normalize(self.text_features(self.tokenize(texts[i:i + batch_size])["input_ids"].to(self.device)
-                                              ).float(), dim=-1) for i in range(0, len(texts), batch_size)]
-        return torch.cat(out).cpu().numpy()
 
 
 # -- ONNX graphs -------------------------------------------------------------------------------------
