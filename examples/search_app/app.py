@@ -19,7 +19,6 @@ import io
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from sslfeatures import Index
-from sslfeatures.data.decode import DecodeError, load_pil, pil_to_rgb
+from sslfeatures.data.decode import DecodeError, decode_bytes, load_pil
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 100
@@ -41,18 +40,9 @@ def _decode_upload(data: bytes, name: str) -> Image.Image:
     if not data:
         raise ValueError(f"{name}: empty upload")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.seek(0)
-                img.load()
-                return pil_to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"{name}: image too large (decompression-bomb guard)") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError(f"{name}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ValueError(f"{name}: corrupt or truncated image ({exc})") from None
+        return decode_bytes(data)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 class _Thumbnails:

@@ -80,6 +80,28 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
     return _to_rgb(img)
 
 
+def decode_bytes(data: bytes) -> Image.Image:
+    """Encoded image bytes (an upload, a shard member) -> upright RGB, as files decode;
+    ``ValueError`` with the reason when they are not a readable image."""
+    import io
+
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.seek(0)
+                img.load()
+                return pil_to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"image too large (decompression-bomb guard): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise ValueError(f"corrupt or truncated image ({exc})") from None
+
+
 def load_pil(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` and return an upright 8-bit RGB PIL image, or raise :class:`DecodeError`."""
     path = Path(path)

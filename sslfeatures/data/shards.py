@@ -22,16 +22,14 @@ import logging
 import os
 import re
 import tarfile
-import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import IMAGE_EXTENSIONS, pil_to_rgb, pil_to_tensor, resize_center_crop
+from .decode import IMAGE_EXTENSIONS, decode_bytes, pil_to_tensor, resize_center_crop
 from .loader import epoch_permutation
 from .sources import BadFileReport, default_workers, list_images
 
@@ -126,21 +124,7 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
 def decode_image_bytes(data: bytes, size: int, crop_pct: float = 1.0) -> torch.Tensor:
     """Encoded image bytes -> (3, size, size) uint8, as folders decode; ValueError with the
     reason when the bytes are not a readable image."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.seek(0)
-                img.load()
-                rgb = pil_to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"image too large (decompression-bomb guard): {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError("not a recognised image format") from None
-    except (OSError, SyntaxError, EOFError, MemoryError) as exc:
-        raise ValueError(f"corrupt or truncated image ({exc})") from None
+    rgb = decode_bytes(data)
     return pil_to_tensor(resize_center_crop(rgb, size, crop_pct))
 
 
