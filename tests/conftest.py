@@ -76,3 +76,14 @@ def labelled_images(tmp_path_factory, photos) -> tuple[Path, Path]:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture
+def fast_tiny_runs(monkeypatch):
+    """One torch thread (tiny models; the test machine is shared) and no loss plots (matplotlib
+    is most of a tiny run's time and has nothing to do with what is tested there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr("sslfeatures.plots.plot_loss_curve", lambda *a, **k: None)
+    yield
+    torch.set_num_threads(threads)

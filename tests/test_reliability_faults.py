@@ -24,15 +24,7 @@ TINY = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [
 
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    """One torch thread (tiny models; the test machine is shared) and no loss plots (matplotlib
-    is most of a tiny run's time and has nothing to do with what is tested here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr("sslfeatures.plots.plot_loss_curve", lambda *a, **k: None)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_tiny_runs")
 
 class Poisoned(Pretrainer):
     """A Pretrainer whose method turns the loss (or one gradient) non-finite at given steps."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sslfeatures import Encoder, Pretrainer
@@ -23,15 +22,7 @@ TINY = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [
 
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    """One torch thread (tiny models; the test machine is shared) and no loss plots (matplotlib
-    is most of a tiny run's time and has nothing to do with what is tested here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr("sslfeatures.plots.plot_loss_curve", lambda *a, **k: None)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_tiny_runs")
 
 def load_corpus_script():
     spec = importlib.util.spec_from_file_location("make_bad_corpus", ROOT / "scripts" / "make_bad_corpus.py")
