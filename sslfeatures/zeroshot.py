@@ -58,6 +58,7 @@ log = logging.getLogger("sslfeatures.zeroshot")
 PROBE_CONFIG = "zeroshot.json"
 HF_FOLDER = "clip"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
+OPENCLIP_CONFIG = "open_clip_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -253,19 +254,50 @@ class _OpenCLIPBackend(_PretrainedCLIP):
 
     @classmethod
     def load(cls, spec: str | os.PathLike, device: Any = None) -> "_OpenCLIPBackend":
-        """``spec``: ``"MODEL"``, ``"MODEL/PRETRAINED_TAG_OR_FILE"``, ``"hf-hub:org/name"`` or a
-        folder holding ``open_clip_config.json`` (+ weights)."""
+        """``spec``: ``"MODEL/PRETRAINED_TAG_OR_FILE"``, ``"hf-hub:org/name"`` or a folder
+        holding ``open_clip_config.json`` + weights (``*.safetensors``; ``.bin``/``.pth``
+        files are read by open_clip with ``torch.load(weights_only=True)``). A model without
+        pretrained weights is refused: open_clip would build a random one."""
         open_clip = cls._module()
         spec = str(spec)
         if Path(spec).is_dir():
-            name, pretrained = f"local-dir:{Path(spec).resolve()}", None
-        elif spec.startswith("hf-hub:") or "/" not in spec:
+            folder = Path(spec).resolve()
+            if not (folder / OPENCLIP_CONFIG).is_file():
+                raise FileNotFoundError(f"{folder} is not an open_clip folder: {OPENCLIP_CONFIG} is missing")
+            if not any(f.suffix in (".safetensors", ".bin", ".pth") for f in folder.iterdir()):
+                raise FileNotFoundError(f"{folder} holds {OPENCLIP_CONFIG} but no weights (*.safetensors, "
+                                        "*.bin or *.pth)")
+            name, pretrained = f"local-dir:{folder}", None
+        elif spec.startswith("hf-hub:"):
             name, pretrained = spec, None
-        else:
+        elif "/" in spec:
             name, pretrained = spec.split("/", 1)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(name)
-        return cls(model, preprocess, tokenizer, {"model": name, "pretrained": pretrained}, device)
+        else:
+            raise ValueError(f"open_clip:{spec} names an architecture without weights; give "
+                             f"'open_clip:{spec}/TAG' (open_clip.list_pretrained()) or 'open_clip:{spec}/FILE'")
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     require_pretrained=True)
+        spec_out = {"model": name, "pretrained": pretrained, "model_cfg": open_clip.get_model_config(name)}
+        return cls(model, preprocess, open_clip.get_tokenizer(name), spec_out, device)
+
+    def save_config(self, folder: Path) -> None:
+        """``open_clip_config.json`` (architecture + preprocessing), as open_clip's hub
+        folders have it: ``open_clip.get_tokenizer("local-dir:FOLDER")`` reads it, and with
+        the weights beside it ``create_model_and_transforms("local-dir:FOLDER")``."""
+        if not self.spec.get("model_cfg"):
+            raise ValueError(f"the open_clip model {self.spec.get('model')!r} came without its architecture config")
+        pp = self._module().get_model_preprocess_cfg(self.model)
+        atomic_write_json(folder / OPENCLIP_CONFIG, {"model_cfg": self.spec["model_cfg"],
+                                                     "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
+                                                                        for k, v in pp.items()}})
+
+    def save(self, folder: Path) -> None:
+        """An open_clip local folder: the config and ``open_clip_model.safetensors``."""
+        from safetensors.torch import save_file
+
+        self.save_config(folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(folder / OPENCLIP_WEIGHTS))
 
     def pixel_values(self, images: Any) -> torch.Tensor:
         return torch.stack([self.preprocess(p) for p in _as_pils(images)])
@@ -577,7 +609,7 @@ class ZeroShotProbe:
                 txt = TextEncoder.from_pretrained(path, device=device)
                 return cls(_SSLBackend(enc, txt), {"backend": "sslfeatures", "source": str(path),
                                                    "method": txt.config.get("method", "clip")})
-            if (path / "open_clip_config.json").exists():
+            if (path / OPENCLIP_CONFIG).exists():
                 return cls(_OpenCLIPBackend.load(path, device), {"backend": "open_clip", "source": str(path)})
             cfg_path = path / "config.json"
             cfg = {}
@@ -593,7 +625,7 @@ class ZeroShotProbe:
                                  "it is not a CLIP run; align text with it with ZeroShotProbe.fit(enc, pairs=...)")
             raise ValueError(f"{path} is not a CLIP model: expected an sslfeatures CLIP run ({TEXT_FOLDER}/), a "
                              "transformers CLIP folder (config.json with model_type 'clip') or an open_clip folder "
-                             "(open_clip_config.json)")
+                             f"({OPENCLIP_CONFIG})")
         if path.exists():
             raise ValueError(f"{path} is a file; from_clip takes a folder, a hub id or 'open_clip:NAME'")
         parts = s.split("/")
@@ -606,7 +638,8 @@ class ZeroShotProbe:
         """Write the probe to ``folder``: for an sslfeatures probe the image encoder
         (``config.json`` + ``model.safetensors``) and ``text_encoder/`` (the layout of a CLIP
         run), for a transformers one ``clip/`` (model, tokenizer, processor), for open_clip
-        the weights and model name; plus ``zeroshot.json`` (config and training history)."""
+        ``open_clip_config.json`` + ``open_clip_model.safetensors`` (an open_clip folder that
+        needs nothing of the source it was loaded from); plus ``zeroshot.json`` (config and training history)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         b = self.backend
@@ -618,14 +651,13 @@ class ZeroShotProbe:
             b.tokenizer.save_pretrained(folder / HF_FOLDER)
             if b.processor is not None:
                 b.processor.save_pretrained(folder / HF_FOLDER)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in b.model.state_dict().items()},
-                      str(folder / OPENCLIP_WEIGHTS))
+        else:  # the folder is an open_clip local folder too ("local-dir:FOLDER")
+            b.save(folder)
+        spec = getattr(b, "spec", None)
         atomic_write_json(folder / PROBE_CONFIG, {"format_version": 1, "kind": "zero_shot_probe",
                                                   **self.config, "backend": b.name,
-                                                  "open_clip": getattr(b, "spec", None), "history": self.history})
+                                                  "open_clip": spec and {k: spec[k] for k in ("model", "pretrained")},
+                                                  "history": self.history})
         return folder
 
     @classmethod
@@ -647,19 +679,14 @@ class ZeroShotProbe:
             raise ValueError(f"{cfg_path} does not describe a zero-shot probe (kind != 'zero_shot_probe')")
         history = cfg.pop("history", [])
         backend = cfg.get("backend")
-        spec = cfg.pop("open_clip", None)
+        cfg.pop("open_clip", None)
         if backend == "sslfeatures":
             b: Any = _SSLBackend(Encoder.from_pretrained(folder, device=device),
                                  TextEncoder.from_pretrained(folder / TEXT_FOLDER, device=device))
         elif backend == "transformers":
             b = _HFBackend.load(folder / HF_FOLDER, device, local_files_only=True)
         elif backend == "open_clip":
-            from safetensors.torch import load_file
-
-            open_clip = _OpenCLIPBackend._module()
-            model, _, preprocess = open_clip.create_model_and_transforms(spec["model"], pretrained=None)
-            model.load_state_dict(load_file(str(folder / OPENCLIP_WEIGHTS)))
-            b = _OpenCLIPBackend(model, preprocess, open_clip.get_tokenizer(spec["model"]), spec, device)
+            b = _OpenCLIPBackend.load(folder, device)
         else:
             raise ValueError(f"{cfg_path}: unknown backend {backend!r}; expected one of {BACKENDS}")
         cfg.pop("kind", None)
@@ -726,7 +753,8 @@ class ZeroShotProbe:
         transformers / open_clip: ``image.onnx`` (pixels -> normalised joint embedding).
         ``text.onnx`` maps token ids (``input_ids``; ``attention_mask`` where the tower
         uses one; batch dynamic, length fixed at the context length: pad to it) to the
-        normalised joint embedding; the tokenizer is saved beside it (``tokenizer/``, or
+        normalised joint embedding; the tokenizer is saved beside it (``tokenizer/``;
+        for open_clip ``open_clip_config.json``, read by ``open_clip.get_tokenizer("local-dir:FOLDER")``;
         the byte tokenizer's settings in ``zeroshot_onnx.json``). Returns the paths and
         the parity reports; raises :class:`~sslfeatures.export.ParityError` on a mismatch.
         """
@@ -779,8 +807,9 @@ class ZeroShotProbe:
                 b.tokenizer.save_pretrained(folder / "tokenizer")
                 meta["tokenizer"] = {"type": "transformers", "folder": "tokenizer", "context_length": ctx}
                 inputs = ["input_ids", "attention_mask"]
-            else:
-                meta["tokenizer"] = {"type": "open_clip", "model": b.spec.get("model"), "context_length": ctx}
+            else:  # open_clip.get_tokenizer("local-dir:FOLDER") rebuilds it from the config
+                b.save_config(folder)
+                meta["tokenizer"] = {"type": "open_clip", "config": OPENCLIP_CONFIG, "context_length": ctx}
                 inputs = ["input_ids"]
         graph.eval()
         with torch.no_grad():

@@ -1,5 +1,5 @@
-"""ZeroShotProbe: LiT on tiny real images, loading a tiny local transformers CLIP offline,
-prompt ensembling, save/load, ONNX export of both towers."""
+"""ZeroShotProbe: LiT on tiny real images, loading tiny local transformers and open_clip
+CLIPs offline, prompt ensembling, save/load, ONNX export of both towers."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sslfeatures import Encoder, ZeroShotProbe
@@ -182,6 +183,123 @@ def test_transformers_probe_save_load_and_onnx(tiny_hf_clip, photos, tmp_path):
     files = probe.export_onnx(tmp_path / "onnx", images=images)
     assert files["text"].exists() and files["image"].exists()
     assert all(r["passed"] for r in files["parity"])
+
+
+# -- open_clip: a tiny model saved as open_clip's own hub/local folder (config + safetensors) -----------
+OPENCLIP_TINY = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+                 "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+OPENCLIP_PP = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.35], "interpolation": "bilinear",
+               "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """(folder, model, preprocess, tokenizer): a random tiny CLIP built by open_clip, saved
+    as open_clip's folders are (``open_clip_config.json`` + ``open_clip_model.safetensors``),
+    and the reference pipeline built by hand from the same numbers."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**OPENCLIP_TINY).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(20.0))  # not the initial 1/0.07: the saved value must be read
+    folder = tmp_path_factory.mktemp("tiny_open_clip") / "model"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPENCLIP_TINY,
+                                                              "preprocess_cfg": OPENCLIP_PP}))
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    preprocess = open_clip.image_transform(32, is_train=False, mean=OPENCLIP_PP["mean"], std=OPENCLIP_PP["std"],
+                                           interpolation="bilinear", resize_mode="shortest")
+    tokenizer = open_clip.SimpleTokenizer(context_length=24)
+    return folder, model, preprocess, tokenizer
+
+
+def _open_clip_logits(model, preprocess, tokenizer, images, texts) -> np.ndarray:
+    x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
+    with torch.no_grad():
+        img, txt, scale = model(x, tokenizer(texts))
+    return (scale * img @ txt.T).numpy()
+
+
+def test_from_clip_open_clip_folder_matches_open_clip(tiny_open_clip, photos):
+    folder, model, preprocess, tokenizer = tiny_open_clip
+    probe = ZeroShotProbe.from_clip(folder, device="cpu")
+    assert probe.backend.name == "open_clip" and probe.logit_scale == pytest.approx(20.0)
+    images = [p[:200, :240] for p in photos[:3]]
+    texts = ["a photo of a cat.", "an astronaut", "a cup of coffee on a table"]
+    ref = _open_clip_logits(model, preprocess, tokenizer, images, texts)
+    np.testing.assert_allclose(probe.logits(images, texts), ref, rtol=1e-4, atol=1e-4)
+    same = ZeroShotProbe.from_clip(f"open_clip:{folder}", device="cpu")  # the prefixed spelling
+    np.testing.assert_allclose(same.logits(images, texts), ref, rtol=1e-4, atol=1e-4)
+    classes = ["cat", "astronaut", "coffee"]
+    pred = probe.classify(images, classes, templates=TEMPLATES)
+    # the prompt ensemble from open_clip's own embeddings: mean of the normalised templates, renormalised
+    with torch.no_grad():
+        t = F.normalize(model.encode_text(tokenizer([t.format(c) for c in classes for t in TEMPLATES])), dim=-1)
+        t = F.normalize(t.view(len(classes), len(TEMPLATES), -1).mean(1), dim=-1)
+        x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
+        ens = (20.0 * F.normalize(model.encode_image(x), dim=-1) @ t.T).softmax(-1).numpy()
+    np.testing.assert_allclose(pred.probs, ens, rtol=1e-4, atol=1e-5)
+    assert pred.probs.shape == (3, 3)
+    assert pred.labels == [classes[i] for i in ens.argmax(1)]
+
+
+def test_from_clip_open_clip_architecture_and_checkpoint_file(tiny_open_clip, photos, tmp_path):
+    """``open_clip:MODEL/FILE``: a registered architecture and a weights file."""
+    import open_clip
+
+    folder, model, _, tokenizer = tiny_open_clip
+    (tmp_path / "sslf-tiny-test.json").write_text(json.dumps(OPENCLIP_TINY))
+    open_clip.add_model_config(tmp_path / "sslf-tiny-test.json")
+    probe = ZeroShotProbe.from_clip(f"open_clip:sslf-tiny-test/{folder / 'open_clip_model.safetensors'}", device="cpu")
+    default_pp = open_clip.image_transform(32, is_train=False)  # no preprocess_cfg: OpenAI mean/std, bicubic
+    images = [p[:128, :160] for p in photos[:2]]
+    np.testing.assert_allclose(probe.logits(images, ["a cat", "a rocket"]),
+                               _open_clip_logits(model, default_pp, tokenizer, images, ["a cat", "a rocket"]),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="without weights"):
+        ZeroShotProbe.from_clip("open_clip:sslf-tiny-test")  # open_clip would build it at random
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "open_clip_config.json").write_text((folder / "open_clip_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        ZeroShotProbe.from_clip(tmp_path / "no_weights")
+
+
+def test_open_clip_probe_save_load_and_onnx(tiny_open_clip, photos, tmp_path):
+    import shutil
+
+    import open_clip
+
+    from sslfeatures.export.runtime import make_session
+
+    folder, _, _, tokenizer = tiny_open_clip
+    shutil.copytree(folder, tmp_path / "src")
+    probe = ZeroShotProbe.from_clip(tmp_path / "src", device="cpu")
+    images = [p[:128, :128] for p in photos[:4]]
+    texts = ["a cat", "an astronaut in a suit"]
+    probe.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "src")  # the saved probe needs nothing of its source
+    back = ZeroShotProbe.from_pretrained(tmp_path / "saved", device="cpu")
+    assert back.backend.name == "open_clip"
+    np.testing.assert_allclose(back.logits(images, texts), probe.logits(images, texts), atol=1e-5)
+    # the saved folder is an open_clip folder too
+    oc_model, _, oc_pp = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'saved'}")
+    np.testing.assert_allclose(_open_clip_logits(oc_model.eval(), oc_pp, tokenizer, images, texts),
+                               probe.logits(images, texts), rtol=1e-4, atol=1e-4)
+
+    files = probe.export_onnx(tmp_path / "onnx", images=images)
+    assert files["text"].exists() and files["image"].exists()
+    assert all(r["passed"] for r in files["parity"])
+    meta = json.loads(files["config"].read_text())
+    assert meta["text_inputs"] == ["input_ids"] and meta["image"]["image_size"] == 32
+    # a consumer of the ONNX folder: open_clip's tokenizer from the folder, both graphs in onnxruntime
+    tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'onnx'}")
+    txt = make_session(files["text"], "cpu").run(None, {"input_ids": tok(texts).numpy()})[0]
+    px = probe.backend.pixel_values(images).numpy()
+    img = make_session(files["image"], "cpu").run(None, {"pixel_values": px})[0]
+    np.testing.assert_allclose(meta["logit_scale"] * img @ txt.T, probe.logits(images, texts), rtol=1e-3, atol=1e-3)
 
 
 def test_from_clip_errors(tmp_path, encoder):
