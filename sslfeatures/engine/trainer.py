@@ -494,15 +494,16 @@ def _monitor(method, probe: torch.Tensor, device, cfg: TrainConfig, amp_dtype) -
     was, method_was = bb.training, method.training
     (method if head is not None else bb).eval()
     embs, heads = [], []
-    for chunk in probe.split(256):
-        x = chunk.to(device).float().div(255)
-        if x.shape[-1] != cfg.image_size:
-            x = torch.nn.functional.interpolate(x, size=cfg.image_size, mode="bilinear", antialias=True)
-        x = normalize(x, cfg.mean, cfg.std)
-        with autocast(device, amp_dtype):
-            embs.append(bb(x).float())
-            if head is not None:
-                heads.append(head(x).float())
+    with torch.no_grad():  # a probe, not a training step: no autograd graph for its 512 images
+        for chunk in probe.split(256):
+            x = chunk.to(device).float().div(255)
+            if x.shape[-1] != cfg.image_size:
+                x = torch.nn.functional.interpolate(x, size=cfg.image_size, mode="bilinear", antialias=True)
+            x = normalize(x, cfg.mean, cfg.std)
+            with autocast(device, amp_dtype):
+                embs.append(bb(x).float())
+                if head is not None:
+                    heads.append(head(x).float())
     if head is not None:
         method.train(method_was)
     bb.train(was)
