@@ -14,8 +14,12 @@ import torch
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when present, else CPU."""
+    """``None``/``"auto"`` picks the ``SSLFEATURES_DEVICE`` environment variable when set (e.g.
+    ``cpu`` to keep a GPU machine's jobs on its CPU), else CUDA when present, else CPU."""
     if device is None or device == "auto":
+        env = os.environ.get("SSLFEATURES_DEVICE", "").strip()
+        if env and env != "auto":
+            return torch.device(env)
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
@@ -38,10 +42,13 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Map a precision name to the autocast dtype (``None`` = fp32, no autocast).
 
-    ``"auto"``: bf16 on CUDA when supported (else fp16), bf16 on CPUs with native bf16
-    units, fp32 otherwise.
+    ``"auto"``: the ``SSLFEATURES_PRECISION`` environment variable when set (e.g. ``fp32``
+    for bit-reproducible results on a CPU with bf16 units), else bf16 on CUDA when supported
+    (else fp16), bf16 on CPUs with native bf16 units, fp32 otherwise.
     """
     precision = precision.lower()
+    if precision == "auto":
+        precision = os.environ.get("SSLFEATURES_PRECISION", "").strip().lower() or "auto"
     if precision in ("fp32", "32", "float32"):
         return None
     if precision in ("bf16", "bfloat16"):

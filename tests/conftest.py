@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+# The suite checks CPU fp32 semantics (bit-exact resume and round trips, exact preprocessing, gloo
+# workers), also on a GPU machine or a CPU with bf16 units, where "auto" would pick CUDA / bf16;
+# tests/test_cuda.py runs the GPU checks with an explicit device="cuda", other tests ask for bf16.
+os.environ.setdefault("SSLFEATURES_DEVICE", "cpu")
+os.environ.setdefault("SSLFEATURES_PRECISION", "fp32")
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry",
           "hubble_deep_field", "retina", "page", "motorcycle_left", "text"]

@@ -218,7 +218,7 @@ import numpy as np, timm, torch
 for folder in sys.argv[1:]:
     cfg = json.load(open(folder + "/config.json"))
     model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=folder + "/model.safetensors"),
+                              pretrained_cfg_overlay=dict(file=folder + "/model.safetensors", custom_load=False),
                               **cfg["model_args"]).eval()
     local = timm.create_model("local-dir:" + folder, pretrained=True).eval()
     x = torch.from_numpy(np.load(folder + "/x.npy"))

@@ -66,18 +66,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init_from_env(timeout_s: float | None = None) -> None:
+def init_from_env(timeout_s: float | None = None, device: torch.device | None = None) -> None:
     """Join the process group torchrun describes in the environment (no-op otherwise).
 
     ``timeout_s``: how long joining, and later any collective, may wait for a peer before
     failing (a process that died or hangs) instead of blocking the others forever.
+    ``device``: where training runs: NCCL for CUDA, gloo for the CPU (also on a GPU machine
+    told to train on its CPU). ``None``: NCCL when CUDA is present.
     """
     import os
     from datetime import timedelta
 
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
     kwargs = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
     dist.init_process_group(backend=backend, **kwargs)
 

@@ -285,9 +285,14 @@ def apply_fsdp(method: nn.Module, device: torch.device) -> nn.Module:
     if not blocks:
         raise ValueError("strategy='fsdp' shards ViT blocks and this model has none; use strategy='ddp' "
                          "for CNN backbones (they fit one device)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # the mesh of the training device: without one FSDP picks CUDA whenever it is present, also
+    # for a run told to train on the CPU of a GPU machine
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
     for blk in blocks:
-        fully_shard(blk)
-    fully_shard(method)
+        fully_shard(blk, mesh=mesh)
+    fully_shard(method, mesh=mesh)
     return method
 
 

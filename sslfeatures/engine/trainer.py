@@ -214,9 +214,14 @@ class Pretrainer:
         if resume and not has_checkpoint(ckdir):
             raise FileNotFoundError(f"resume=True but {out} has no checkpoint to resume from")
 
-        dist.init_from_env(cfg.dist_timeout)
         device = resolve_device(cfg.device)
+        dist.init_from_env(cfg.dist_timeout, device)
         if dist.is_distributed() and device.type == "cuda":
+            if dist.local_rank() >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"process with LOCAL_RANK {dist.local_rank()} has no GPU: this node has "
+                    f"{torch.cuda.device_count()} CUDA device(s); start at most that many processes per node "
+                    "(torchrun --nproc_per_node), or train on the CPU with device='cpu' (gloo)")
             device = torch.device("cuda", dist.local_rank())
             torch.cuda.set_device(device)
         amp_dtype = resolve_precision(cfg.precision, device)

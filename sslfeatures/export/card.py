@@ -165,7 +165,7 @@ def model_card(config: dict[str, Any], *, source_dir: str | Path | None = None, 
         args = "".join(f", {k}={v!r}" for k, v in timm_args.items())
         lines += ["Plain timm, no sslfeatures needed:", "", "```python", "import timm", "",
                   f"model = timm.create_model({name!r}, pretrained=True, num_classes=0{args},",
-                  "                          pretrained_cfg_overlay=dict(file='model.safetensors'))",
+                  "                          pretrained_cfg_overlay=dict(file='model.safetensors', custom_load=False))",
                   (f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)   # same model"
                    if repo_id else "model = timm.create_model('local-dir:path/to/exported', pretrained=True)   # same"),
                   "```", ""]

@@ -3,10 +3,11 @@
 ``model.safetensors`` is the timm model's own state dict (classifier removed), so
 
     timm.create_model(name, pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(file="model.safetensors"), **model_args)
+                      pretrained_cfg_overlay=dict(file="model.safetensors", custom_load=False), **model_args)
 
 rebuilds the encoder when ``model_args`` are the arguments sslfeatures passed to timm
-(:func:`timm_model_args`). The exported ``config.json`` also carries timm's own keys
+(:func:`timm_model_args`); ``custom_load=False`` matters for ViTs, whose default timm tags
+load JAX ``.npz`` files through a custom loader that some timm releases apply to any file. The exported ``config.json`` also carries timm's own keys
 (``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``), so
 ``timm.create_model("local-dir:exported/", pretrained=True)`` and, once pushed,
 ``timm.create_model("hf-hub:org/name", pretrained=True)`` work with no arguments.
@@ -91,6 +92,7 @@ def timm_config(backbone: Any, config: dict[str, Any]) -> dict[str, Any]:
         "std": [float(s) for s in config["std"]],
         "num_classes": 0,
         "license": config.get("license", "apache-2.0"),
+        "custom_load": False,  # a plain state dict, never timm's JAX .npz loader
     }
     return {"architecture": backbone.config["name"], "num_classes": 0, "num_features": int(backbone.num_features),
             "model_args": timm_model_args(backbone), "pretrained_cfg": pretrained_cfg}
