@@ -102,6 +102,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fh.write(data)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Stream ``tensors`` (contiguous CPU tensors, no two sharing memory) to the binary file
+    ``fh`` in the safetensors format, one tensor at a time: unlike
+    ``safetensors.torch.save`` no second copy of the whole state is built in memory, and the
+    writes go through ``fh`` (so :func:`atomic_writer` and its error handling apply)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"safetensors cannot store {name!r} of dtype {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
+    fh.write(len(raw).to_bytes(8, "little"))
+    fh.write(raw)
+    for t in tensors.values():
+        if t.numel():
+            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from ..utils import atomic_write_bytes, atomic_write_json
+from .. import utils
+from ..utils import atomic_write_json, write_safetensors
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,8 +54,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors sharing storage: store contiguous copies
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    """CPU tensors safetensors accepts: it refuses tensors that share storage or are not
+    contiguous, so those are copied; the others are written as they are (no second copy of
+    the whole state in memory while a checkpoint is written)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        if v.device.type != "cpu":
+            out[k] = v.to("cpu").contiguous()  # a fresh copy already
+            continue
+        storage = v.untyped_storage()
+        ptr = storage.data_ptr()
+        whole = v.is_contiguous() and storage.nbytes() == v.numel() * v.element_size()
+        out[k] = v if whole and ptr not in seen and v.numel() else v.contiguous().clone()
+        seen.add(ptr)
+    return out
 
 
 class CheckpointWriteError(OSError):
@@ -102,7 +115,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         stale.unlink(missing_ok=True)  # half-written files of a killed run (one writer per run folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / name, st_save(_unique(tensors)))
+        with utils.atomic_writer(folder / name) as fh:  # looked up at call time (tests inject faults)
+            write_safetensors(fh, _unique(tensors))
         atomic_write_json(folder / "latest.json", dict(meta, step=step, file=name, optimizer=ometa))
     except OSError as e:
         if (folder / name).exists() and (_pointer(folder) or {}).get("file") != name:
