@@ -19,7 +19,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         env = os.environ.get("SSLFEATURES_DEVICE", "").strip()
         if env and env != "auto":
-            return torch.device(env)
+            try:
+                return torch.device(env)
+            except RuntimeError:
+                raise ValueError(f"SSLFEATURES_DEVICE={env!r} is not a device; use cpu, cuda, cuda:N or auto") from None
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
@@ -49,6 +52,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     precision = precision.lower()
     if precision == "auto":
         precision = os.environ.get("SSLFEATURES_PRECISION", "").strip().lower() or "auto"
+        if precision not in ("auto", "fp32", "32", "float32", "bf16", "bfloat16", "fp16", "16", "float16"):
+            raise ValueError(f"SSLFEATURES_PRECISION={precision!r}: use fp32, bf16, fp16 or auto")
     if precision in ("fp32", "32", "float32"):
         return None
     if precision in ("bf16", "bfloat16"):

@@ -113,3 +113,22 @@ def test_checkpoint_tensors_stream_to_safetensors_without_a_second_copy():
     assert back.keys() == state.keys()
     for k, v in state.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_device_and_precision_environment_defaults(monkeypatch):
+    """SSLFEATURES_DEVICE / SSLFEATURES_PRECISION set what "auto" means; explicit values win;
+    a wrong value is a clear error naming the variable."""
+    from sslfeatures.utils import resolve_device, resolve_precision
+
+    monkeypatch.setenv("SSLFEATURES_DEVICE", "cpu")
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda")  # explicit: not overridden (nothing is allocated)
+    monkeypatch.setenv("SSLFEATURES_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="SSLFEATURES_DEVICE='gpu'"):
+        resolve_device("auto")
+    monkeypatch.setenv("SSLFEATURES_PRECISION", "bf16")
+    assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+    monkeypatch.setenv("SSLFEATURES_PRECISION", "int4")
+    with pytest.raises(ValueError, match="SSLFEATURES_PRECISION='int4'"):
+        resolve_precision("auto", torch.device("cpu"))
