@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 
 from .. import utils
 from ..utils import atomic_write_json, write_safetensors
@@ -162,10 +162,10 @@ def read_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
         raise RuntimeError(f"{ptr} is not a checkpoint pointer ({e}); it was not written by sslfeatures") from None
     if Path(meta["file"]).name != meta["file"]:
         raise RuntimeError(f"{ptr} points outside its folder ({meta['file']!r}); refusing to read it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{ptr} points to {path.name}, which is missing")
     try:
-        tensors = st_load(path.read_bytes())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{ptr} points to {path.name}, which is missing") from None
+        tensors = st_load_file(str(path))  # tensor by tensor from a memory map: no whole-file bytes copy
     except Exception as e:  # safetensors raises its own error type for a damaged header
         raise RuntimeError(f"checkpoint {path} is damaged ({e}); it cannot be resumed from") from None
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
