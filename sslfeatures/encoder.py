@@ -242,15 +242,14 @@ class Encoder:
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (atomically) into ``folder``."""
-        from .utils import atomic_write_bytes, atomic_write_json
-        from safetensors.torch import save
+        from . import utils
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.backbone.model.state_dict().items()}
         meta = {"format": "pt", "backbone": self.config["backbone"]["name"]}
-        atomic_write_bytes(folder / WEIGHTS_NAME, save(state, metadata=meta))
-        atomic_write_json(folder / CONFIG_NAME, self.config)
+        with utils.atomic_writer(folder / WEIGHTS_NAME) as fh:  # tensor by tensor, no copy of the whole model
+            utils.write_safetensors(fh, self.backbone.model.state_dict(), meta)
+        utils.atomic_write_json(folder / CONFIG_NAME, self.config)
         return folder
 
     def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",),

@@ -113,10 +113,12 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 
 
 def write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Stream ``tensors`` (contiguous CPU tensors, no two sharing memory) to the binary file
-    ``fh`` in the safetensors format, one tensor at a time: unlike
-    ``safetensors.torch.save`` no second copy of the whole state is built in memory, and the
-    writes go through ``fh`` (so :func:`atomic_writer` and its error handling apply)."""
+    """Stream ``tensors`` to the binary file ``fh`` in the safetensors format, one tensor at a
+    time: a tensor on another device, in another memory layout (channels_last) or sharing
+    storage with another is copied to a contiguous CPU tensor just before it is written, so
+    at most one tensor's copy exists at a time (``safetensors.torch.save`` needs copies of
+    all of them plus the whole file as bytes). The writes go through ``fh``, so
+    :func:`atomic_writer` and its error handling apply."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, t in tensors.items():
@@ -131,6 +133,7 @@ def write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[
     fh.write(raw)
     for t in tensors.values():
         if t.numel():
+            t = t.detach().to("cpu").contiguous()
             fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 

@@ -53,24 +53,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors safetensors accepts: it refuses tensors that share storage or are not
-    contiguous, so those are copied; the others are written as they are (no second copy of
-    the whole state in memory while a checkpoint is written)."""
-    out, seen = {}, set()
-    for k, v in state.items():
-        v = v.detach()
-        if v.device.type != "cpu":
-            out[k] = v.to("cpu").contiguous()  # a fresh copy already
-            continue
-        storage = v.untyped_storage()
-        ptr = storage.data_ptr()
-        whole = v.is_contiguous() and storage.nbytes() == v.numel() * v.element_size()
-        out[k] = v if whole and ptr not in seen and v.numel() else v.contiguous().clone()
-        seen.add(ptr)
-    return out
-
-
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a read-only folder); the previous
     checkpoint is untouched and still the one ``latest.json`` points to."""
@@ -116,7 +98,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with utils.atomic_writer(folder / name) as fh:  # looked up at call time (tests inject faults)
-            write_safetensors(fh, _unique(tensors))
+            write_safetensors(fh, tensors)
         atomic_write_json(folder / "latest.json", dict(meta, step=step, file=name, optimizer=ometa))
     except OSError as e:
         if (folder / name).exists() and (_pointer(folder) or {}).get("file") != name:
