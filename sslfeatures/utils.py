@@ -110,6 +110,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
               torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES.update({getattr(torch, name): code for name, code in  # dtypes newer torch releases have
+                   [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                    ("float8_e5m2", "F8_E5M2")] if hasattr(torch, name)})
 
 
 def write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
