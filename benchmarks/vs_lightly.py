@@ -62,7 +62,6 @@ from sslfeatures.methods.base import StepInfo
 
 # lightly's SimCLRTransform at 32 px without blur (its CIFAR setting)
 SIMCLR_VIEW = dict(scale=[0.08, 1.0], jitter=[0.8, 0.8, 0.8, 0.2], jitter_p=0.8, gray_p=0.2, blur_p=0.0, count=2)
-SIMCLR_SPEC = SIMCLR_VIEW  # kept for older imports
 # BYOL: lightly's BYOLView1/2Transform = the paper's asymmetric pair (blur 1.0 / 0.1, solarize 0 / 0.2)
 BYOL_VIEWS = [dict(scale=[0.08, 1.0], jitter=[0.4, 0.4, 0.2, 0.1], jitter_p=0.8, gray_p=0.2, blur_p=1.0),
               dict(scale=[0.08, 1.0], jitter=[0.4, 0.4, 0.2, 0.1], jitter_p=0.8, gray_p=0.2, blur_p=0.1,

@@ -34,7 +34,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed as dist
 
