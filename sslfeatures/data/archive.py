@@ -27,21 +27,28 @@ class UnsafeArchiveError(ValueError):
     a link pointing out, or too large); nothing was extracted."""
 
 
-def safe_member_name(name: str, archive: str | os.PathLike = "archive") -> str:
-    """``name`` normalised to a relative POSIX path that stays inside the destination, or
-    :class:`UnsafeArchiveError` for an absolute path, a drive letter, a ``..`` escape, a
-    NUL byte or an empty name."""
-    where = f"{os.fspath(archive)}: member {name!r}"
+def member_name_problem(name: str) -> str | None:
+    """Why an archive member called ``name`` would land outside the folder it is read or
+    extracted into (an absolute path, a drive letter, a ``..`` escape, a NUL byte, an empty
+    name), or None when it stays inside. Shared by extraction and tar-shard reading."""
     if not name or "\x00" in name:
-        raise UnsafeArchiveError(f"{where} has an empty name or a NUL byte; refusing to extract")
+        return "has an empty name or a NUL byte"
     unixy = name.replace("\\", "/")
     if unixy.startswith("/") or (len(unixy) > 1 and unixy[1] == ":"):
-        raise UnsafeArchiveError(f"{where} is an absolute path; refusing to extract (path traversal)")
+        return "is an absolute path (path traversal)"
     norm = posixpath.normpath(unixy)
     if norm == ".." or norm.startswith("../"):
-        raise UnsafeArchiveError(f"{where} points outside the destination folder; refusing to extract "
-                                 "(path traversal)")
-    return norm
+        return "points outside the destination folder (path traversal)"
+    return None
+
+
+def safe_member_name(name: str, archive: str | os.PathLike = "archive") -> str:
+    """``name`` normalised to a relative POSIX path that stays inside the destination, or
+    :class:`UnsafeArchiveError` saying why not (:func:`member_name_problem`)."""
+    problem = member_name_problem(name)
+    if problem is not None:
+        raise UnsafeArchiveError(f"{os.fspath(archive)}: member {name!r} {problem}; refusing to extract")
+    return posixpath.normpath(name.replace("\\", "/"))
 
 
 def _inside(root: str, target: str) -> bool:

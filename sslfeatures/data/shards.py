@@ -22,13 +22,14 @@ import logging
 import os
 import re
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .archive import member_name_problem
 from .decode import IMAGE_EXTENSIONS, decode_bytes, pil_to_tensor, resize_center_crop
 from .loader import epoch_permutation
 from .sources import BadFileReport, default_workers, list_images
@@ -109,12 +110,9 @@ def _split_key(name: str) -> tuple[str, str]:
 def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
     """Why a tar member is refused (path traversal, link, device), or None when it is a
     plain file with a relative name inside the archive."""
-    name = member.name
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "unsafe member name (absolute path)"
-    if ".." in pure.parts or ".." in name.replace("\\", "/").split("/"):
-        return "unsafe member name (path traversal: '..')"
+    problem = member_name_problem(member.name)
+    if problem is not None:
+        return f"unsafe member name: {problem}"
     if not member.isfile():
         return "not a regular file (link, device or directory member)"
     return None

@@ -67,6 +67,12 @@ def _pointer(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def latest_step(folder: str | os.PathLike) -> int | None:
+    """The step of the checkpoint ``folder/latest.json`` points to, or None when there is none."""
+    meta = _pointer(Path(folder))
+    return int(meta["step"]) if meta is not None else None
+
+
 def _previous(folder: Path) -> str:
     meta = _pointer(folder)
     if meta is None:

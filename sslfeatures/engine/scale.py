@@ -303,18 +303,19 @@ def full_state_dicts(method: nn.Module, optimizer: torch.optim.Optimizer | None
     # sorted keys: the order of a loaded optimizer's state differs between processes (string
     # hashing is seeded per process) and every all-gather must meet its partner
     msd = method.state_dict()
-    model_sd = {k: _full(msd[k]).detach().cpu() for k in sorted(msd)}
+    model_sd = {k: full_tensor(msd[k]).detach().cpu() for k in sorted(msd)}
     if optimizer is None:
         return model_sd, None
     osd = optimizer.state_dict()
     state = {}
     for pid in sorted(osd["state"]):
         st = osd["state"][pid]
-        state[pid] = {k: (_full(st[k]).cpu() if isinstance(st[k], torch.Tensor) else st[k]) for k in sorted(st)}
+        state[pid] = {k: (full_tensor(st[k]).cpu() if isinstance(st[k], torch.Tensor) else st[k]) for k in sorted(st)}
     return model_sd, {"state": state, "param_groups": osd["param_groups"]}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor (an FSDP2 shard) is all-gathered, a plain tensor returned as is."""
     full = getattr(t, "full_tensor", None)  # a DTensor (FSDP2 shard): all-gather it
     return full() if full is not None else t
 
@@ -379,5 +380,5 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["split_micro_batches", "accumulation_warning", "gradient_sync", "has_batchnorm",
            "DistributedBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm", "vit_blocks",
-           "enable_grad_checkpointing", "compile_backbone", "apply_fsdp", "full_state_dicts",
+           "enable_grad_checkpointing", "compile_backbone", "apply_fsdp", "full_state_dicts", "full_tensor",
            "load_full_state_dicts"]

@@ -7,9 +7,7 @@ encoder (``model.safetensors`` + ``config.json``) in the run folder.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import logging
 import math
 import os
@@ -30,7 +28,7 @@ from ..methods import StepInfo, get_method
 from ..utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, resolve_precision
 from . import distributed as dist
 from . import scale
-from .checkpoint import has_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, latest_step, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_config
 from .monitor import collapse_stats, is_collapsed
 from .optim import build_optimizer, param_groups
@@ -49,8 +47,7 @@ MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite="skip": this many bad batches in a ro
 def _grads_finite(params: list[torch.nn.Parameter], total_norm: torch.Tensor | None) -> torch.Tensor:
     """A 0-dim bool tensor: every gradient is finite (no host sync here)."""
     if total_norm is not None:  # clip_grad_norm_ already reduced them: NaN/Inf propagate into the norm
-        full = getattr(total_norm, "full_tensor", None)  # a DTensor under FSDP
-        return torch.isfinite(full() if full is not None else total_norm)
+        return torch.isfinite(scale.full_tensor(total_norm))  # a DTensor under FSDP: gathered
     grads = [p.grad for p in params if p.grad is not None]
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this process's shards
     if not grads:
@@ -134,10 +131,12 @@ class Pretrainer:
 
     # -- building ---------------------------------------------------------------------
     def build(self):
+        return self.method_cls(self._backbone(), self.method_cfg, self.views)
+
+    def _backbone(self):
         cfg = self.cfg
-        backbone = create_backbone(cfg.backbone, image_size=cfg.image_size, stem=cfg.stem,
-                                   patch_size=cfg.patch_size, pooling=cfg.pooling, **cfg.backbone_kwargs)
-        return self.method_cls(backbone, self.method_cfg, self.views)
+        return create_backbone(cfg.backbone, image_size=cfg.image_size, stem=cfg.stem,
+                               patch_size=cfg.patch_size, pooling=cfg.pooling, **cfg.backbone_kwargs)
 
     def full_config(self) -> dict[str, Any]:
         d = to_dict(self.cfg)
@@ -183,10 +182,7 @@ class Pretrainer:
                 raise
             out = getattr(self, "_output_dir", None)
             ckdir = out / "checkpoints" if out is not None else None
-            latest = None
-            if ckdir is not None and has_checkpoint(ckdir):
-                with contextlib.suppress(OSError, ValueError):
-                    latest = json.loads((ckdir / "latest.json").read_text()).get("step")
+            latest = latest_step(ckdir) if ckdir is not None else None
             kept = (f"the last checkpoint (step {latest}) is in {ckdir}: start the job again with resume=True "
                     "(sslfeatures pretrain --resume) to continue from it") if latest is not None else \
                 "no checkpoint had been written yet"
@@ -424,14 +420,11 @@ class Pretrainer:
                         skipped[:20])
         return Run(out, self.full_config(), metrics, dict(report.entries), step, seconds, skipped)
 
-
     def _unsharded_backbone(self, method, model_sd: dict[str, torch.Tensor]):
         """A plain (unsharded) copy of ``method``'s encoder backbone holding ``model_sd``'s weights."""
         target = method.encoder_backbone()
         prefix = next(name for name, mod in method.named_modules() if mod is target)
-        cfg = self.cfg
-        bb = create_backbone(cfg.backbone, image_size=cfg.image_size, stem=cfg.stem, patch_size=cfg.patch_size,
-                             pooling=cfg.pooling, **cfg.backbone_kwargs)
+        bb = self._backbone()
         head = f"{prefix}." if prefix else ""
         bb.load_state_dict({k[len(head):]: v for k, v in model_sd.items() if k.startswith(head)})
         return bb

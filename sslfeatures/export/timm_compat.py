@@ -7,9 +7,9 @@
 
 rebuilds the encoder when ``model_args`` are the arguments sslfeatures passed to timm
 (:func:`timm_model_args`); ``custom_load=False`` matters for ViTs, whose default timm tags
-load JAX ``.npz`` files through a custom loader that some timm releases apply to any file. The exported ``config.json`` also carries timm's own keys
-(``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``), so
-``timm.create_model("local-dir:exported/", pretrained=True)`` and, once pushed,
+load JAX ``.npz`` files through a custom loader that some timm releases apply to any file.
+The exported ``config.json`` also carries timm's own keys (``architecture``, ``num_classes``,
+``model_args``, ``pretrained_cfg``), so ``timm.create_model("local-dir:exported/", pretrained=True)`` and, once pushed,
 ``timm.create_model("hf-hub:org/name", pretrained=True)`` work with no arguments.
 
 An architecture sslfeatures changed after timm built it (a small-image ``stem``,
