@@ -538,7 +538,7 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
                 out = []
                 for s in range(0, len(arr), 1024):
                     x = torch.from_numpy(arr[s:s + 1024]).to(device).float().div(255)
-                    x = (x.unsqueeze(1).expand(-1, 3, -1, -1) - 0.5) / 0.5  # sslfeatures' default mean/std 0.5
+                    x = (x.unsqueeze(1).expand(-1, 3, -1, -1) - 0.5) / 0.5  # the mean/std both trained with
                     out.append(backbone(x).float().cpu())
                 feats.append(torch.cat(out))
         backbone.train()
@@ -554,6 +554,7 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
         run = Pretrainer("simclr", backbone="resnet18", image_size=size, batch_size=batch,
                          epochs=args.tta_max_epochs, lr=lr, warmup_epochs=0.2, temperature=temp, views=[view],
                          backbone_kwargs={"channels": bb_kw["channels"]}, stem="small_s2", progress=False,
+                         mean=[0.5] * 3, std=[0.5] * 3,  # as lightly's transform below: one k-NN input for both
                          num_workers=0, device=str(device), precision=args.precision,
                          checkpoint_every=10**9).fit(xtr, output_dir=out, resume=step > args.eval_every,
                                                      overwrite=step <= args.eval_every, max_steps=step)
