@@ -59,6 +59,7 @@ from sslfeatures import Pretrainer
 from sslfeatures.augment import Views
 from sslfeatures.data.demo import load_demo_arrays
 from sslfeatures.methods.base import StepInfo
+from sslfeatures.utils import autocast, resolve_precision
 
 # lightly's SimCLRTransform at 32 px without blur (its CIFAR setting)
 SIMCLR_VIEW = dict(scale=[0.08, 1.0], jitter=[0.8, 0.8, 0.8, 0.2], jitter_p=0.8, gray_p=0.2, blur_p=0.0, count=2)
@@ -296,16 +297,6 @@ def isolated(fn: Callable, threads: int, *args) -> dict:
         return pool.submit(_in_child, fn.__name__, threads, args).result()
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def amp_dtype_for(device, precision: str):
-    from sslfeatures.utils import resolve_precision
-
-    return resolve_precision(precision, device)
-
-
 def real_images(n: int, size: int) -> list[Image.Image]:
     a = load_demo_arrays()["x_train"]
     a = np.concatenate([a] * (n // len(a) + 1))[:n]
@@ -397,7 +388,7 @@ def lightly_loader(imgs, tf, batch: int, workers: int, device):
 
 def bench_lightly(name: str, n_images: int, steps: int, workers: int, device: str, precision: str) -> dict:
     case, device = CASES[name], torch.device(device)
-    amp = amp_dtype_for(device, precision)
+    amp = resolve_precision(precision, device)
     imgs = real_images(n_images, case.size)
     torch.manual_seed(0)
     tf, model, step_fn, post, (opt_name, lr) = case.lightly(device)
@@ -441,7 +432,7 @@ def model_step_flops(name: str, device: str, precision: str, reps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     case, device = CASES[name], torch.device(device)
-    amp = amp_dtype_for(device, precision)
+    amp = resolve_precision(precision, device)
     kw = dict(case.ours)
     p = Pretrainer(kw.pop("method"), image_size=case.size, batch_size=case.batch, **kw)
     method = p.build().to(device)
@@ -528,12 +519,11 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
     view = {"scale": [0.2, 1.0], "count": 2}  # otherwise SimCLR's views: jitter 0.8 (p 0.8), gray 0.2, blur 0.5
     total_steps = args.tta_max_epochs * (len(xtr) // batch)
     lr, temp = 1.0, 0.5
-    amp_ctx = lambda: autocast(device, amp)  # noqa: E731
 
     def knn(backbone) -> float:
         backbone.eval()
         feats = []
-        with torch.no_grad(), amp_ctx():
+        with torch.no_grad(), autocast(device, amp):
             for arr in (xtr, xte):
                 out = []
                 for s in range(0, len(arr), 1024):
@@ -604,7 +594,7 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
             it = iter(dl)
             v = next(it)
         x0, x1 = (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for x in v)
-        with amp_ctx():
+        with autocast(device, amp):
             loss = crit(model(x0), model(x1))
         loss.backward()
         opt.step()
@@ -648,7 +638,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    amp = amp_dtype_for(device, args.precision)
+    amp = resolve_precision(args.precision, device)
     import lightly
 
     out = Path(args.out)

@@ -90,7 +90,7 @@ def test_recipes_hold_the_papers_defaults():
     assert Pretrainer("byol").method_cfg.momentum_start == 0.996
 
 
-def test_checkpoint_tensors_stream_to_safetensors_without_a_second_copy():
+def test_streamed_safetensors_round_trip_every_tensor_layout():
     """Checkpoints are written tensor by tensor (no whole-state copy): views, shared storage,
     channels_last and non-contiguous tensors all round-trip through safetensors' reader."""
     import io
