@@ -48,6 +48,13 @@ SETTINGS: dict[str, dict] = {
                  pred_hidden_dim=1024, momentum_start=0.99,
                  views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                         {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
+    # BYOL without batch statistics (recipes/byol_gn_ws.yaml): GroupNorm + weight standardisation in the
+    # trunk, no BatchNorm in the projector/predictor; the BYOL row's other settings
+    "byol_gn_ws": dict(CNN, recipe="byol_gn_ws", epochs=3, batch_size=128, lr=1.0, warmup_epochs=0.2,
+                       backbone_kwargs={"channels": [16, 32, 64, 128], "norm": "gn_ws", "norm_groups": 16},
+                       proj_hidden_dim=1024, pred_hidden_dim=1024, momentum_start=0.99,
+                       views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
+                              {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
     # the ResNet recipe of small-data DINO runs: LARS, BN in the head, a 0.9 -> 1 teacher momentum and a
     # fixed 0.04 teacher temperature (ViT defaults with 4096 outputs barely left ln K in 468 steps here)
     "dino": dict(CNN, epochs=3, batch_size=128, optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6,
@@ -59,45 +66,52 @@ SETTINGS: dict[str, dict] = {
                         {"scale": [0.1, 0.4], "size_frac": 0.5715, "count": 2}]),
     "mae": dict(VIT, epochs=3, batch_size=128, lr=1.5e-3, warmup_epochs=0.3, decoder_dim=128,
                 decoder_depth=2, decoder_heads=4, pooling="mean"),
-    # DINOv2 / its distillation (teacher: the dinov2 row's run, ViT-Ti/4-6, into 3 blocks) / FCMAE
-    # (ConvNeXt V2-Atto with a 1x1 stem at 32 px: strides 1-2-4-8, a 4x4 mask grid of 8 px cells)
-    "dinov2": dict(VIT, epochs=1, batch_size=128, lr=1e-3, warmup_epochs=0.2, out_dim=4096, hidden_dim=1024,
-                   bottleneck_dim=128, ibot_separate_head=True, ibot_out_dim=1024, weight_decay_end=0.04,
-                   warmup_teacher_temp_epochs=0.3, momentum_start=0.99, freeze_last_layer_epochs=0,
+    # DINOv2 / its distillation (teacher: the dinov2 row's run, ViT-Ti/7-6, into 3 blocks) / FCMAE
+    # (ConvNeXt V2-Atto, half width, with a 1x1 stem at 32 px: strides 1-2-4-8, a 4x4 mask grid of 8 px cells).
+    # DINOv2 uses 7 px patches like the MAE row: 4 px patches (49 tokens) cost 44 CPU-minutes per epoch here;
+    # local crops are 14 px (2x2 patches)
+    "dinov2": dict(VIT, patch_size=7, epochs=1, batch_size=128, lr=1e-3, warmup_epochs=0.2, out_dim=4096,
+                   hidden_dim=1024, bottleneck_dim=128, ibot_separate_head=True, ibot_out_dim=1024,
+                   weight_decay_end=0.04, warmup_teacher_temp_epochs=0.3, momentum_start=0.99,
+                   freeze_last_layer_epochs=0,
                    views=[{"scale": [0.32, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                           {"scale": [0.32, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2},
-                          {"scale": [0.05, 0.32], "size_frac": 0.5715, "jitter": [0.4, 0.4, 0.2, 0.1], "count": 2}]),
-    "dinov2_distill": dict(VIT, backbone_kwargs={"depth": 3}, teacher="benchmarks/out/fashion_mnist/run_dinov2",
+                          {"scale": [0.05, 0.32], "size_frac": 0.5, "jitter": [0.4, 0.4, 0.2, 0.1], "count": 2}]),
+    "dinov2_distill": dict(VIT, patch_size=7, backbone_kwargs={"depth": 3},
+                           teacher="benchmarks/out/fashion_mnist/run_dinov2",
                            epochs=1, batch_size=128, lr=1e-3, warmup_epochs=0.2, out_dim=4096, hidden_dim=1024,
                            bottleneck_dim=128, ibot_separate_head=True, ibot_out_dim=1024, weight_decay_end=0.04,
                            warmup_teacher_temp_epochs=0.3, momentum_start=0.99, freeze_last_layer_epochs=0,
                            views=[{"scale": [0.32, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                                   {"scale": [0.32, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1,
                                    "solarize_p": 0.2},
-                                  {"scale": [0.05, 0.32], "size_frac": 0.5715, "jitter": [0.4, 0.4, 0.2, 0.1],
+                                  {"scale": [0.05, 0.32], "size_frac": 0.5, "jitter": [0.4, 0.4, 0.2, 0.1],
                                    "count": 2}]),
-    "fcmae": dict(backbone="convnextv2_atto", image_size=32, patch_size=1, num_workers=0, epochs=1,
+    # ConvNeXt V2-Atto at half width (dims 20-40-80-160): the full-width Atto with a 1x1 stem costs 43 CPU-minutes
+    # per epoch at 32 px here
+    "fcmae": dict(backbone="convnextv2_atto", backbone_kwargs={"dims": [20, 40, 80, 160]}, image_size=32,
+                  patch_size=1, num_workers=0, epochs=1,
                   batch_size=128, lr=1.5e-3, warmup_epochs=0.2, decoder_dim=128,
                   views=[{"scale": [0.2, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
     # Methods II (MoCo v1/v3, SimSiam, Barlow Twins, VICReg, W-MSE): heads narrowed to the 256-d backbone;
     # SimSiam's and W-MSE's lr picked from 50-step runs on the demo set (k-NN 0.53 -> 0.65, 0.56 -> 0.70)
-    "mocov1": dict(CNN, epochs=2, batch_size=128, lr=0.2, warmup_epochs=0.2, queue_size=16384, ema_momentum=0.99,
+    "mocov1": dict(CNN, epochs=5, batch_size=128, lr=0.2, warmup_epochs=0.2, queue_size=16384, ema_momentum=0.99,
                    views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.4], "jitter_p": 1.0, "blur_p": 0.0,
                            "count": 2}]),
-    "mocov3": dict(CNN, epochs=1, batch_size=128, optimizer="lars", lr=1.0, weight_decay=1.5e-6, warmup_epochs=0.2,
+    "mocov3": dict(CNN, epochs=3, batch_size=128, optimizer="lars", lr=1.0, weight_decay=1.5e-6, warmup_epochs=0.2,
                    temperature=1.0, proj_layers=2, pred_last_bn=False, proj_hidden_dim=1024, pred_hidden_dim=1024,
                    momentum_start=0.99,  # the paper's ResNet recipe (ViT: use VIT, adamw, temperature 0.2)
                    views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                           {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
-    "simsiam": dict(CNN, epochs=2, batch_size=128, lr=0.6, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
+    "simsiam": dict(CNN, epochs=3, batch_size=128, lr=0.6, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
                     pred_hidden_dim=256, views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "count": 2}]),
-    "barlow_twins": dict(CNN, epochs=1, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
+    "barlow_twins": dict(CNN, epochs=3, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
                          views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                                 {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
-    "vicreg": dict(CNN, epochs=1, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
+    "vicreg": dict(CNN, epochs=3, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
                    views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                           {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
-    "wmse": dict(CNN, epochs=2, batch_size=128, lr=1e-2, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=64,
+    "wmse": dict(CNN, epochs=4, batch_size=128, lr=1e-2, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=64,
                  w_size=128, w_iter=1,
                  views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "gray_p": 0.1, "blur_p": 0.0, "count": 2}]),
     # classic pretext tasks (Methods III). Fashion-MNIST is grayscale: colorization and split-brain see
@@ -132,6 +146,7 @@ SETTINGS: dict[str, dict] = {
                  text_layers=2, text_heads=4, context_length=48,
                  views=[{"scale": [0.6, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
 }
+METHOD = {"byol_gn_ws": "byol"}  # rows that are a recipe of another method
 CAPTION_METHODS = {"clip"}  # trained on class-name captions (weak supervision): run only when named
 
 
@@ -157,6 +172,30 @@ def evaluate(enc: Encoder, folders) -> dict:
     return {"knn": weighted_knn(xtr, ytr, xte, yte)["top1"], "linear": linear_probe(xtr, ytr, xte, yte)["top1"]}
 
 
+def markdown_table(results: Path, names: list[str]) -> str:
+    """The RESULTS.md table of the rows named (the newest row of each name; every name when empty)."""
+    rows: dict[str, dict] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["row"]] = row
+    lines = ["| row | backbone | epochs (steps) | CPU min | wall min | k-NN top-1 | linear top-1 |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names or list(rows):
+        if name not in rows:
+            raise SystemExit(f"no row {name!r} in {results}; rows: {', '.join(rows)}")
+        r = rows[name]
+        if "epochs" not in r:  # a baseline row
+            lines.append(f"| {name} | | | | | {r['knn']:.4f} | {r['linear']:.4f} |")
+            continue
+        o = r.get("overrides", {})
+        bb = r["backbone"] + (f" {o['backbone_kwargs']}" if o.get("backbone_kwargs") else "")
+        bb += f", patch {o['patch_size']}" if o.get("patch_size") else ""
+        lines.append(f"| {name} | {bb}, {o.get('image_size', '')} px | {r['epochs']} ({r['steps']}) | "
+                     f"{r['train_cpu_minutes']} | {r['train_minutes']} | {r['knn']:.4f} | {r['linear']:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default="../shared/data/fashion-mnist")
@@ -172,7 +211,12 @@ def main() -> None:
     ap.add_argument("--in-memory", action="store_true",
                     help="train on the decoded uint8 arrays instead of the PNG folder (same pixels, no decoding)")
     ap.add_argument("--tag", default="", help="suffix for the run folder and the row name")
+    ap.add_argument("--table", nargs="*", metavar="ROW",
+                    help="print the markdown table of these rows (default: every row) from results.jsonl and exit")
     args = ap.parse_args()
+    if args.table is not None:
+        print(markdown_table(Path(args.work) / "results.jsonl", args.table))
+        return
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +256,7 @@ def main() -> None:
             import numpy as np
 
             data = np.repeat(load_split(Path(args.src), "train")[0][..., None], 3, -1)  # (60000, 28, 28, 3)
-        run = Pretrainer(method, **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
+        run = Pretrainer(METHOD.get(method, method), **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
                                             overwrite=True)
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads
