@@ -172,6 +172,15 @@ def evaluate(enc: Encoder, folders) -> dict:
     return {"knn": weighted_knn(xtr, ytr, xte, yte)["top1"], "linear": linear_probe(xtr, ytr, xte, yte)["top1"]}
 
 
+def random_like(run_dir: Path, seed: int = 0) -> Encoder:
+    """The encoder of ``run_dir`` (same backbone config, pooling, mean/std) at random initialisation."""
+    from sslfeatures.backbones import backbone_from_config
+
+    config = json.loads((run_dir / "config.json").read_text())
+    torch.manual_seed(seed)
+    return Encoder(backbone_from_config(config["backbone"]), config)
+
+
 def markdown_table(results: Path, names: list[str]) -> str:
     """The RESULTS.md table of the rows named (the newest row of each name; every name when empty)."""
     rows: dict[str, dict] = {}
@@ -211,6 +220,9 @@ def main() -> None:
     ap.add_argument("--in-memory", action="store_true",
                     help="train on the decoded uint8 arrays instead of the PNG folder (same pixels, no decoding)")
     ap.add_argument("--tag", default="", help="suffix for the run folder and the row name")
+    ap.add_argument("--random-like", nargs="*", metavar="ROW",
+                    help="random-init baselines: the architecture and preprocessing of these rows' runs "
+                         "(run_<ROW>/config.json) at random initialisation, evaluated the same way")
     ap.add_argument("--table", nargs="*", metavar="ROW",
                     help="print the markdown table of these rows (default: every row) from results.jsonl and exit")
     args = ap.parse_args()
@@ -243,6 +255,11 @@ def main() -> None:
             enc = Encoder.random_init(cfg["backbone"], image_size=28, stem=cfg.get("stem", "default"),
                                       patch_size=cfg.get("patch_size"), backbone_kwargs=cfg["backbone_kwargs"])
             emit({"row": f"random init {name}", **evaluate(enc, folders)})
+        return
+
+    if args.random_like:
+        for name in args.random_like:
+            emit({"row": f"random init (as {name})", **evaluate(random_like(work / f"run_{name}"), folders)})
         return
 
     for method in args.methods:
