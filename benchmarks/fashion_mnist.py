@@ -50,7 +50,7 @@ SETTINGS: dict[str, dict] = {
                         {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
     # BYOL without batch statistics (recipes/byol_gn_ws.yaml): GroupNorm + weight standardisation in the
     # trunk, no BatchNorm in the projector/predictor; the BYOL row's other settings
-    "byol_gn_ws": dict(CNN, recipe="byol_gn_ws", epochs=3, batch_size=128, lr=1.0, warmup_epochs=0.2,
+    "byol_gn_ws": dict(CNN, method="byol", recipe="byol_gn_ws", epochs=3, batch_size=128, lr=1.0, warmup_epochs=0.2,
                        backbone_kwargs={"channels": [16, 32, 64, 128], "norm": "gn_ws", "norm_groups": 16},
                        proj_hidden_dim=1024, pred_hidden_dim=1024, momentum_start=0.99,
                        views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
@@ -146,7 +146,6 @@ SETTINGS: dict[str, dict] = {
                  text_layers=2, text_heads=4, context_length=48,
                  views=[{"scale": [0.6, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
 }
-METHOD = {"byol_gn_ws": "byol"}  # rows that are a recipe of another method
 CAPTION_METHODS = {"clip"}  # trained on class-name captions (weak supervision): run only when named
 
 
@@ -273,8 +272,9 @@ def main() -> None:
             import numpy as np
 
             data = np.repeat(load_split(Path(args.src), "train")[0][..., None], 3, -1)  # (60000, 28, 28, 3)
-        run = Pretrainer(METHOD.get(method, method), **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
-                                            overwrite=True)
+        # a row may be a recipe of another method (byol_gn_ws: method "byol")
+        run = Pretrainer(cfg.pop("method", method), **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
+                                                               overwrite=True)
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads
         res = evaluate(Encoder.from_pretrained(run.output_dir), folders)
