@@ -48,9 +48,9 @@ SETTINGS: dict[str, dict] = {
                  pred_hidden_dim=1024, momentum_start=0.99,
                  views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                         {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
-    # BYOL without batch statistics (recipes/byol_gn_ws.yaml): GroupNorm + weight standardisation in the
-    # trunk, no BatchNorm in the projector/predictor; the BYOL row's other settings
-    "byol_gn_ws": dict(CNN, method="byol", recipe="byol_gn_ws", epochs=3, batch_size=128, lr=1.0, warmup_epochs=0.2,
+    # BYOL without batch statistics (the recipe variant recipes/byol_gn_ws.yaml): GroupNorm + weight
+    # standardisation in the trunk, no BatchNorm in the projector/predictor; the BYOL row's other settings
+    "byol_gn_ws": dict(CNN, epochs=3, batch_size=128, lr=1.0, warmup_epochs=0.2,
                        backbone_kwargs={"channels": [16, 32, 64, 128], "norm": "gn_ws", "norm_groups": 16},
                        proj_hidden_dim=1024, pred_hidden_dim=1024, momentum_start=0.99,
                        views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
@@ -272,8 +272,7 @@ def main() -> None:
             import numpy as np
 
             data = np.repeat(load_split(Path(args.src), "train")[0][..., None], 3, -1)  # (60000, 28, 28, 3)
-        # a row may be a recipe of another method (byol_gn_ws: method "byol")
-        run = Pretrainer(cfg.pop("method", method), **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
+        run = Pretrainer(method, **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
                                                                overwrite=True)
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads

@@ -40,12 +40,16 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_methods(args) -> int:
-    from .engine.config import load_recipe
+    from .engine.config import load_recipe, recipe_variants
     from .methods import get_method, list_methods
 
     for name in list_methods():
         r = load_recipe(name)
         print(f"{name:10s} {r.get('backbone', ''):24s} {get_method(name).paper}")
+    for name, method in recipe_variants().items():
+        r = load_recipe(name)
+        print(f"{name:10s} {r.get('backbone', ''):24s} {r.get('paper') or get_method(method).paper} "
+              f"(recipe variant of {method})")
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sslfeatures import Encoder, Pretrainer, create_backbone
+from sslfeatures.config import ConfigError
 from sslfeatures.engine.monitor import collapse_stats, is_collapsed
 from sslfeatures.losses import barlow_twins_loss, info_nce, vicreg_terms, whiten, wmse_loss
 
@@ -117,6 +118,21 @@ def test_gn_ws_backbone_uses_no_batch_statistics(tmp_path):
         create_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, norm="gn_ws")
     with pytest.raises(ValueError, match="unknown norm"):
         create_backbone("resnet18", norm="layer")
+
+
+def test_a_recipe_variant_is_a_method_name(capsys):
+    """Pretrainer("byol_gn_ws") = Pretrainer("byol", recipe="byol_gn_ws"); unknown names list the variants."""
+    from sslfeatures.cli import main
+
+    by_name, by_recipe = Pretrainer("byol_gn_ws"), Pretrainer("byol", recipe="byol_gn_ws")
+    assert by_name.method_cls is by_recipe.method_cls and by_name.full_config() == by_recipe.full_config()
+    assert by_name.cfg.backbone_kwargs["norm"] == "gn_ws" and by_name.method_cfg.head_bn is False
+    with pytest.raises(ValueError, match=r"recipe variants: .*byol_gn_ws \(byol\)"):
+        Pretrainer("byol_gnws")
+    with pytest.raises(ConfigError, match="already names a recipe"):
+        Pretrainer("byol_gn_ws", recipe="byol")
+    assert main(["methods"]) == 0
+    assert "byol_gn_ws" in capsys.readouterr().out
 
 
 def test_mocov3_freezes_a_random_patch_projection_and_sincos_positions():

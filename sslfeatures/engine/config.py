@@ -84,6 +84,45 @@ def load_recipe(method_or_path: str | Path) -> dict[str, Any]:
     return data
 
 
+def recipe_variants() -> dict[str, str]:
+    """Shipped recipes whose name is not a method's: ``{recipe name: the method it configures}``
+    (``byol_gn_ws`` -> ``byol``)."""
+    from ..methods import list_methods
+
+    methods = set(list_methods())
+    out = {}
+    for p in sorted(recipe_path("x").parent.glob("*.yaml")):
+        if p.stem in methods:
+            continue
+        try:
+            target = load_recipe(p).get("method")
+        except (ConfigError, OSError):
+            continue
+        if isinstance(target, str) and target in methods:
+            out[p.stem] = target
+    return out
+
+
+def resolve_method(name: str, recipe: str | Path | None = None) -> tuple[type, str | Path | None]:
+    """The method class and recipe of ``Pretrainer(name, recipe=...)``: a registered method name,
+    or the name of a shipped recipe variant (``"byol_gn_ws"`` = ``"byol"`` with
+    ``recipes/byol_gn_ws.yaml``). An unknown name lists both."""
+    from ..methods import get_method, list_methods
+
+    key = str(name).lower().replace("-", "_")
+    if key in list_methods():
+        return get_method(key), recipe
+    variants = recipe_variants()
+    if key in variants:
+        if recipe is not None:
+            raise ConfigError(f"{name!r} already names a recipe (recipes/{key}.yaml, method {variants[key]!r}); "
+                              f"pass Pretrainer({key!r}) or Pretrainer({variants[key]!r}, recipe={str(recipe)!r}), "
+                              "not a variant name and recipe= together")
+        return get_method(variants[key]), key
+    extra = "; recipe variants: " + ", ".join(f"{k} ({v})" for k, v in variants.items()) if variants else ""
+    raise ValueError(f"unknown method {name!r}; available methods: {', '.join(list_methods())}{extra}")
+
+
 def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, Any],
                    method_config_cls: type) -> tuple[TrainConfig, Any]:
     """Recipe -> overrides -> validated (TrainConfig, method Config).

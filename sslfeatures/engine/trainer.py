@@ -24,12 +24,12 @@ from ..augment import Views
 from ..backbones import create_backbone
 from ..config import to_dict
 from ..data import ArrayImages, BadFileReport, ImageFolder, TrainStream
-from ..methods import StepInfo, get_method
+from ..methods import StepInfo
 from ..utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, resolve_precision
 from . import distributed as dist
 from . import scale
 from .checkpoint import has_checkpoint, latest_step, load_checkpoint, read_checkpoint, save_checkpoint
-from .config import TrainConfig, resolve_config
+from .config import TrainConfig, resolve_config, resolve_method
 from .monitor import collapse_stats, is_collapsed
 from .optim import build_optimizer, param_groups
 from .schedules import cosine, warmup_cosine
@@ -113,7 +113,8 @@ class Pretrainer:
 
     Parameters
     ----------
-    method: a registered method name (``sslfeatures.list_methods()``).
+    method: a registered method name (``sslfeatures.list_methods()``), or a shipped recipe
+        variant's name (``"byol_gn_ws"``: BYOL with ``recipes/byol_gn_ws.yaml``).
     backbone: a timm model name; defaults to the recipe's (the paper's).
     recipe: a YAML file to use instead of ``recipes/<method>.yaml``.
     **overrides: any recipe key (``epochs``, ``batch_size``, ``image_size``, ``lr``,
@@ -122,7 +123,7 @@ class Pretrainer:
 
     def __init__(self, method: str, backbone: str | None = None, *, recipe: str | Path | None = None,
                  **overrides: Any):
-        self.method_cls = get_method(method)
+        self.method_cls, recipe = resolve_method(method, recipe)
         if backbone is not None:
             overrides["backbone"] = backbone
         self.cfg, self.method_cfg = resolve_config(self.method_cls.name, recipe, overrides,
