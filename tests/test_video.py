@@ -49,7 +49,7 @@ def _gradient_frames(n: int = 10, h: int = 48, w: int = 64) -> np.ndarray:
 
 # -- io -------------------------------------------------------------------------------------------------
 def test_decode_mp4_written_with_pyav(tmp_path):
-    import av
+    av = pytest.importorskip("av")
 
     frames = _gradient_frames()
     path = tmp_path / "clip.mp4"
@@ -88,6 +88,11 @@ def test_frame_folder_natural_order_gif_and_listing(tmp_path):
 def test_decode_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         next(iter_frames(tmp_path / "missing.mp4"))
+    bad_gif = tmp_path / "bad.gif"  # GIFs are decoded with Pillow, without PyAV
+    bad_gif.write_bytes(b"GIF89a" + b"\x00" * 10)
+    with pytest.raises(DecodeError):
+        next(iter_frames(bad_gif))
+    pytest.importorskip("av")
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all")
     with pytest.raises(DecodeError):
@@ -330,6 +335,7 @@ def test_token_only_encoder_matches_torch_path(clip, resnet):
 
 
 def test_result_save_and_evaluate_folder(tmp_path, clip, resnet):
+    pytest.importorskip("av")  # writes and reads an .mp4
     frames, labels = clip
     video = tmp_path / "clip.mp4"
     write_video(video, frames, fps=8)

@@ -104,7 +104,25 @@ def _fit(img: Image.Image, max_side: int | None) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _iter_gif(path: Path) -> Iterator[Image.Image]:
+    """A GIF's frames with Pillow (which also writes them, see :class:`VideoWriter`): no PyAV needed."""
+    try:
+        img = Image.open(path)
+    except (OSError, SyntaxError) as exc:
+        raise DecodeError(path, f"cannot open as a GIF ({exc})") from None
+    with img:
+        try:
+            for k in range(getattr(img, "n_frames", 1)):
+                img.seek(k)
+                yield img.convert("RGB")
+        except (OSError, EOFError, SyntaxError) as exc:
+            raise DecodeError(path, f"corrupt GIF frame ({exc})") from None
+
+
 def _iter_file(path: Path) -> Iterator[Image.Image]:
+    if path.suffix.lower() == ".gif":
+        yield from _iter_gif(path)
+        return
     av = _require_av()
     try:
         container = av.open(str(path))
@@ -128,7 +146,7 @@ def iter_frames(path: str | os.PathLike, max_side: int | None = None, stride: in
     """Yield the frames of a video file or frame folder as ``(H, W, 3) uint8`` RGB arrays.
 
     Args:
-        path: a video file (decoded with PyAV) or a folder of frame images.
+        path: a video file (decoded with PyAV; GIFs with Pillow) or a folder of frame images.
         max_side: if given, frames whose longer side exceeds it are resized (bilinear,
             aspect ratio kept) so that the longer side equals ``max_side``.
         stride: keep every ``stride``-th frame (frames 0, stride, 2*stride, ...).
@@ -176,6 +194,13 @@ def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:
     path = Path(path)
     if path.is_dir():
         return default
+    if path.suffix.lower() == ".gif":  # Pillow: the first frame's duration in ms
+        try:
+            with Image.open(path) as img:
+                ms = img.info.get("duration")
+        except (OSError, SyntaxError):
+            return default
+        return 1000.0 / ms if isinstance(ms, (int, float)) and ms > 0 else default
     av = _require_av()
     try:
         with av.open(str(path)) as container:
