@@ -96,9 +96,11 @@ def _cmd_embed(args) -> int:
     enc = _load(args.model)
     data = args.data
     if len(data) == 1 and Path(data[0]).is_dir():
-        paths, feats = enc.embed_folder(data[0], batch_size=args.batch_size, pooling=args.pooling)
+        paths, feats = enc.embed_folder(data[0], batch_size=args.batch_size, pooling=args.pooling,
+                                        last_blocks=args.last_blocks)
     else:
-        paths, feats = data, enc.embed(data, batch_size=args.batch_size, pooling=args.pooling)
+        paths, feats = data, enc.embed(data, batch_size=args.batch_size, pooling=args.pooling,
+                                       last_blocks=args.last_blocks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, feats)
@@ -117,8 +119,9 @@ def _features(args):
         xte, yte, _ = raw_pixel_features(args.test)
         return xtr, ytr, xte, yte
     enc = _load(args.model)
-    xtr, ytr, _ = enc.embed_labelled(args.train)
-    xte, yte, _ = enc.embed_labelled(args.test)
+    n = getattr(args, "last_blocks", 1) or 1
+    xtr, ytr, _ = enc.embed_labelled(args.train, last_blocks=n)
+    xte, yte, _ = enc.embed_labelled(args.test, last_blocks=n)
     return xtr, ytr, xte, yte
 
 
@@ -302,6 +305,9 @@ def _add_downstream_commands(sub) -> None:
             q.add_argument("--temperature", type=float, default=0.07)
         elif name == "linear":
             q.add_argument("--epochs", type=int, default=60)
+        if name in ("knn", "linear"):
+            q.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
+                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
         else:
             q.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
             q.add_argument("--seeds", type=int, default=5)
@@ -535,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy (paths go to <out>.paths.txt)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--pooling", choices=["default", "cls", "mean", "gem"])
+    p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
+                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
     p.set_defaults(fn=_cmd_embed)
 
     for name, fn, help_ in (("knn", _cmd_knn, "weighted k-NN top-1 on labelled folders"),
@@ -548,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.07)
         else:
             p.add_argument("--epochs", type=int, default=60)
+        p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
+                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("export", help="export an encoder (safetensors, ONNX, int8/fp16), every file verified")

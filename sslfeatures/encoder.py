@@ -338,22 +338,35 @@ class Encoder:
             raise ValueError("no image could be embedded")
         return feats, idx, src
 
+    def _embed_fn(self, pooling: str | None, last_blocks: int = 1):
+        """The batch -> embedding function of ``embed``: ``pooling`` (default the config's) of the
+        last block, or of each of the ``last_blocks`` last blocks/stages, concatenated."""
+        pooling = pooling or self.config.get("pooling", "default")
+        if last_blocks == 1:
+            return lambda x: self.backbone(x, pooling)
+        if not isinstance(self.backbone, Backbone):
+            raise ValueError(f"last_blocks={last_blocks} needs a PyTorch timm backbone; this encoder's "
+                             f"{type(self.backbone).__name__} gives its last output only")
+        return lambda x: self.backbone(x, pooling, last_blocks=last_blocks)
+
     def embed(self, inputs: Any, batch_size: int = 64, pooling: str | None = None,
               num_workers: int | None = None, progress: bool | None = None, strict: bool = False,
-              report: BadFileReport | None = None) -> np.ndarray:
+              report: BadFileReport | None = None, last_blocks: int = 1) -> np.ndarray:
         """Pooled embeddings ``(N, D) float32`` for paths, PIL images, arrays, tensors, a list
         of them, or a folder (recursive, sorted; unreadable files there are skipped and
-        reported, elsewhere they raise :class:`DecodeError`)."""
-        pooling = pooling or self.config.get("pooling", "default")
-        feats, _, _ = self._run(inputs, lambda x: self.backbone(x, pooling), batch_size, num_workers,
-                                progress, strict, report)
+        reported, elsewhere they raise :class:`DecodeError`).
+
+        ``last_blocks=n``: the pooled outputs of the last ``n`` blocks (ViT, final norm
+        applied) or stages (CNN) concatenated, ``(N, sum of their widths)``: the multi-block
+        features of DINO's and DINOv2's linear evaluation of ViTs (``n_last_blocks=4``)."""
+        fn = self._embed_fn(pooling, last_blocks)
+        feats, _, _ = self._run(inputs, fn, batch_size, num_workers, progress, strict, report)
         return feats
 
     def embed_folder(self, folder: str | os.PathLike, batch_size: int = 64, pooling: str | None = None,
                      **kw: Any) -> tuple[list[Path], np.ndarray]:
         """``(paths, embeddings)`` for every decodable image below ``folder``."""
-        pooling = pooling or self.config.get("pooling", "default")
-        feats, idx, src = self._run(folder, lambda x: self.backbone(x, pooling), batch_size,
+        feats, idx, src = self._run(folder, self._embed_fn(pooling, kw.get("last_blocks", 1)), batch_size,
                                     kw.get("num_workers"), kw.get("progress"), False, kw.get("report"))
         return [src.files[i] for i in idx], feats
 
@@ -365,11 +378,12 @@ class Encoder:
         return feats
 
     def embed_labelled(self, folder: str | os.PathLike, batch_size: int = 128, **kw: Any):
-        """``(features, labels, classes)`` of a labelled folder (class = sub-folder)."""
+        """``(features, labels, classes)`` of a labelled folder (class = sub-folder); ``pooling``
+        and ``last_blocks`` as in :meth:`embed`."""
         src = LabelledImageFolder(folder, size=self.image_size, crop_pct=float(self.config.get("crop_pct", 1.0)))
-        pooling = kw.get("pooling") or self.config.get("pooling", "default")
+        fn = self._embed_fn(kw.get("pooling"), kw.get("last_blocks", 1))
         report = kw["report"] if kw.get("report") is not None else BadFileReport()
-        feats, idx = self._forward_all(src, lambda x: self.backbone(x, pooling), batch_size, kw.get("num_workers"),
+        feats, idx = self._forward_all(src, fn, batch_size, kw.get("num_workers"),
                                        kw.get("progress", len(src) > 2000), report, f"embedding {Path(folder).name}")
         if len(report):
             log.warning(report.summary())

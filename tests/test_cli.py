@@ -25,6 +25,9 @@ def test_pretrain_embed_knn_export(tiny_images, labelled_images, tmp_path, capsy
     assert summary["steps"] == 3
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "f.npy")]) == 0
     assert np.load(tmp_path / "f.npy").shape == (48, 128)
+    assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "g.npy"),
+                 "--last-blocks", "2"]) == 0  # stage 3 (64) + stage 4 (128)
+    assert np.load(tmp_path / "g.npy").shape == (48, 192)
     capsys.readouterr()
     train, test = labelled_images
     assert main(["knn", "--model", str(run), "--train", str(train), "--test", str(test)]) == 0

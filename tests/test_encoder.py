@@ -59,6 +59,39 @@ def test_vit_patch_tokens_and_cls():
     assert enc.embed(x, pooling="cls").shape == (1, 192)
 
 
+@pytest.mark.parametrize("name, kw", [
+    ("resnet18", dict(image_size=32, stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 128]})),
+    ("vit_tiny_patch16_224", dict(image_size=32, patch_size=8, backbone_kwargs={"depth": 3})),
+    ("efficientnet_b0", dict(image_size=32)),  # its last output is the head conv's, after the last stage
+])
+def test_last_blocks_concatenates_the_last_blocks(name, kw, tiny_images):
+    """``last_blocks=n``: the last n blocks/stages pooled and concatenated, the last one = the default
+    embedding; for a ViT each block's tokens get the final norm (DINO's get_intermediate_layers)."""
+    enc = Encoder.random_init(name, seed=0, **kw)
+    imgs = sorted(tiny_images.rglob("*.png"))[:3]
+    one, three = enc.embed(imgs), enc.embed(imgs, last_blocks=3)
+    assert three.shape[0] == 3 and three.shape[1] > one.shape[1]
+    np.testing.assert_allclose(three[:, -one.shape[1]:], one, rtol=1e-4, atol=1e-5)
+    bb = enc.backbone
+    x = enc._preprocess(torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize(
+        (32, 32)))).permute(2, 0, 1) for p in imgs]))
+    with torch.no_grad():
+        if bb.is_vit:  # block 2 of 3 by hand: run the blocks, final norm, mean of the patch tokens
+            t = bb.model.patch_drop(bb.model.norm_pre(bb.model._pos_embed(bb.model.patch_embed(x))))
+            for blk in bb.model.blocks[:2]:
+                t = blk(t)
+            want = bb.model.norm(t)[:, bb.num_prefix_tokens:].mean(1)
+            got = bb(x, "mean", last_blocks=2)[:, :192]
+        else:  # stage 3 of ResNet's 4: its average-pooled map
+            feats = bb.forward_last_blocks(x, 2)
+            want, got = feats[0].mean((2, 3)), bb(x, last_blocks=2)[:, :feats[0].shape[1]]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="last_blocks must be a positive integer"):
+        enc.embed(imgs, last_blocks=0)
+    with pytest.raises(ValueError, match="has 3 blocks|has \\d+ stages"):
+        enc.embed(imgs, last_blocks=99)
+
+
 def test_hub_id_loads_offline_from_a_local_cache(encoder, tmp_path, monkeypatch):
     # the layout huggingface-hub keeps on disk: models--org--name/{refs,snapshots}
     cache = tmp_path / "hub"

@@ -171,9 +171,36 @@ class Backbone(nn.Module):
             return tokens.mean(1)
         return tokens.clamp(min=1e-6).pow(3).mean(1).pow(1 / 3)  # GeM, p = 3
 
-    def forward(self, x: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
-        """Pooled embedding (B, num_features)."""
-        return self.pool(self.forward_features(x), pooling)
+    def forward(self, x: torch.Tensor, pooling: str | None = None, last_blocks: int = 1) -> torch.Tensor:
+        """Pooled embedding (B, num_features); with ``last_blocks=n > 1`` the pooled outputs of
+        the last ``n`` blocks (ViT) or stages (CNN) concatenated, the last one last."""
+        if last_blocks == 1:
+            return self.pool(self.forward_features(x), pooling)
+        feats = self.forward_last_blocks(x, last_blocks)
+        # a CNN's head (its norm) fits only the last stage: earlier stages are averaged (or GeM)
+        inner = pooling if self.is_vit or (pooling or self.pooling) == "gem" else "mean"
+        return torch.cat([self.pool(f, inner) for f in feats[:-1]] + [self.pool(feats[-1], pooling)], 1)
+
+    def forward_last_blocks(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """The unpooled outputs of the last ``n`` blocks (ViT: (B, T, D) tokens with the final
+        norm applied, as DINO's ``get_intermediate_layers``) or stages (CNN: (B, C, H, W) maps)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"last_blocks must be a positive integer, got {n!r}")
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"last_blocks={n}: {self.name} does not expose its intermediate layers")
+        if self.is_vit:
+            depth = len(self.model.blocks)
+            if n > depth:
+                raise ValueError(f"last_blocks={n}: {self.name} has {depth} blocks")
+            final, outs = self.model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True,
+                                                           output_fmt="NLC")
+            outs = [torch.cat([prefix, tokens], 1) if prefix is not None else tokens for tokens, prefix in outs]
+        else:
+            stages = len(self.model.feature_info)
+            if n > stages:
+                raise ValueError(f"last_blocks={n}: {self.name} has {stages} stages")
+            final, outs = self.model.forward_intermediates(x, indices=n)
+        return outs[:-1] + [final]  # the last one = forward_features (a CNN's head conv/norm included)
 
 
 def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> Backbone:
