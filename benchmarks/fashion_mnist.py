@@ -165,10 +165,13 @@ def train_data(method: str, folders: dict[str, Path], work: Path) -> Path:
     return captions_from_labels(folders["train"], work / "data" / "train_captions.csv")
 
 
-def evaluate(enc: Encoder, folders) -> dict:
-    xtr, ytr, _ = enc.embed_labelled(folders["train"], batch_size=256)
-    xte, yte, _ = enc.embed_labelled(folders["test"], batch_size=256)
-    return {"knn": weighted_knn(xtr, ytr, xte, yte)["top1"], "linear": linear_probe(xtr, ytr, xte, yte)["top1"]}
+def evaluate(enc: Encoder, folders, last_blocks: int = 1) -> dict:
+    """k-NN and linear top-1 of the frozen features; ``last_blocks=n``: the last n blocks' (ViT) or
+    stages' (CNN) pooled outputs concatenated (DINO/DINOv2's linear evaluation of ViTs uses 4)."""
+    xtr, ytr, _ = enc.embed_labelled(folders["train"], batch_size=256, last_blocks=last_blocks)
+    xte, yte, _ = enc.embed_labelled(folders["test"], batch_size=256, last_blocks=last_blocks)
+    return {"knn": weighted_knn(xtr, ytr, xte, yte)["top1"], "linear": linear_probe(xtr, ytr, xte, yte)["top1"],
+            **({"last_blocks": last_blocks, "dim": int(xtr.shape[1])} if last_blocks != 1 else {})}
 
 
 def random_like(run_dir: Path, seed: int = 0) -> Encoder:
@@ -222,6 +225,10 @@ def main() -> None:
     ap.add_argument("--random-like", nargs="*", metavar="ROW",
                     help="random-init baselines: the architecture and preprocessing of these rows' runs "
                          "(run_<ROW>/config.json) at random initialisation, evaluated the same way")
+    ap.add_argument("--reevaluate", nargs="*", metavar="ROW",
+                    help="evaluate these rows' saved runs again (run_<ROW>), with --last-blocks; no training")
+    ap.add_argument("--last-blocks", type=int, default=1,
+                    help="with --reevaluate: features of the last N blocks/stages concatenated")
     ap.add_argument("--table", nargs="*", metavar="ROW",
                     help="print the markdown table of these rows (default: every row) from results.jsonl and exit")
     args = ap.parse_args()
@@ -258,7 +265,15 @@ def main() -> None:
 
     if args.random_like:
         for name in args.random_like:
-            emit({"row": f"random init (as {name})", **evaluate(random_like(work / f"run_{name}"), folders)})
+            tag = f" (last {args.last_blocks} blocks)" if args.last_blocks != 1 else ""
+            emit({"row": f"random init (as {name}){tag}",
+                  **evaluate(random_like(work / f"run_{name}"), folders, args.last_blocks)})
+        return
+    if args.reevaluate:
+        for name in args.reevaluate:
+            tag = f" (last {args.last_blocks} blocks)" if args.last_blocks != 1 else " (re-evaluated)"
+            emit({"row": name + tag, **evaluate(Encoder.from_pretrained(work / f"run_{name}"), folders,
+                                                args.last_blocks)})
         return
 
     for method in args.methods:
