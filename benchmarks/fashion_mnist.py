@@ -287,8 +287,7 @@ def main() -> None:
             import numpy as np
 
             data = np.repeat(load_split(Path(args.src), "train")[0][..., None], 3, -1)  # (60000, 28, 28, 3)
-        run = Pretrainer(method, **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}",
-                                                               overwrite=True)
+        run = Pretrainer(method, **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}", overwrite=True)
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads
         res = evaluate(Encoder.from_pretrained(run.output_dir), folders)

@@ -111,6 +111,11 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _add_last_blocks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
+                   help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
+
+
 def _features(args):
     from .eval import raw_pixel_features
 
@@ -119,9 +124,8 @@ def _features(args):
         xte, yte, _ = raw_pixel_features(args.test)
         return xtr, ytr, xte, yte
     enc = _load(args.model)
-    n = getattr(args, "last_blocks", 1) or 1
-    xtr, ytr, _ = enc.embed_labelled(args.train, last_blocks=n)
-    xte, yte, _ = enc.embed_labelled(args.test, last_blocks=n)
+    xtr, ytr, _ = enc.embed_labelled(args.train, last_blocks=args.last_blocks)
+    xte, yte, _ = enc.embed_labelled(args.test, last_blocks=args.last_blocks)
     return xtr, ytr, xte, yte
 
 
@@ -305,15 +309,14 @@ def _add_downstream_commands(sub) -> None:
             q.add_argument("--temperature", type=float, default=0.07)
         elif name == "linear":
             q.add_argument("--epochs", type=int, default=60)
-        if name in ("knn", "linear"):
-            q.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
-                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
         else:
             q.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
             q.add_argument("--seeds", type=int, default=5)
             q.add_argument("--classifier", choices=["logistic", "centroid", "knn"], default="logistic")
             q.add_argument("--plot", help="PNG of the curve")
             q.add_argument("--out", help="JSON of the curve")
+        if name != "fewshot":
+            _add_last_blocks(q)
         q.set_defaults(fn=fn)
     q = esub.add_parser("cluster", help="k-means NMI / ARI / purity, and a t-SNE picture")
     q.add_argument("--model", required=True, help="encoder to evaluate, or 'raw' for raw pixels")
@@ -541,8 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy (paths go to <out>.paths.txt)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--pooling", choices=["default", "cls", "mean", "gem"])
-    p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
-                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
+    _add_last_blocks(p)
     p.set_defaults(fn=_cmd_embed)
 
     for name, fn, help_ in (("knn", _cmd_knn, "weighted k-NN top-1 on labelled folders"),
@@ -556,8 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.07)
         else:
             p.add_argument("--epochs", type=int, default=60)
-        p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
-                       help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
+        _add_last_blocks(p)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("export", help="export an encoder (safetensors, ONNX, int8/fp16), every file verified")
