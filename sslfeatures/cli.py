@@ -84,16 +84,16 @@ def _cmd_shard(args) -> int:
     return 0
 
 
-def _load(model: str):
+def _load(model: str, image_size: int | None = None):
     from .encoder import Encoder
 
-    return Encoder.from_pretrained(model)
+    return Encoder.from_pretrained(model, image_size=image_size)
 
 
 def _cmd_embed(args) -> int:
     import numpy as np
 
-    enc = _load(args.model)
+    enc = _load(args.model, args.image_size)
     data = args.data
     if len(data) == 1 and Path(data[0]).is_dir():
         paths, feats = enc.embed_folder(data[0], batch_size=args.batch_size, pooling=args.pooling,
@@ -111,9 +111,14 @@ def _cmd_embed(args) -> int:
     return 0
 
 
-def _add_last_blocks(p: argparse.ArgumentParser) -> None:
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    """Which frozen features: pooling, the last N blocks, and the input resolution."""
+    p.add_argument("--pooling", choices=["default", "cls", "mean", "gem"])
     p.add_argument("--last-blocks", dest="last_blocks", type=int, default=1,
                    help="features of the last N blocks/stages concatenated (DINO's ViT linear eval: 4)")
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="input resolution (default: the encoder's); a test resolution above the training "
+                        "one often helps after random-resized-crop training (FixRes)")
 
 
 def _features(args):
@@ -123,9 +128,10 @@ def _features(args):
         xtr, ytr, _ = raw_pixel_features(args.train)
         xte, yte, _ = raw_pixel_features(args.test)
         return xtr, ytr, xte, yte
-    enc = _load(args.model)
-    xtr, ytr, _ = enc.embed_labelled(args.train, last_blocks=args.last_blocks)
-    xte, yte, _ = enc.embed_labelled(args.test, last_blocks=args.last_blocks)
+    enc = _load(args.model, args.image_size)
+    kw = dict(last_blocks=args.last_blocks, pooling=args.pooling)
+    xtr, ytr, _ = enc.embed_labelled(args.train, **kw)
+    xte, yte, _ = enc.embed_labelled(args.test, **kw)
     return xtr, ytr, xte, yte
 
 
@@ -316,7 +322,7 @@ def _add_downstream_commands(sub) -> None:
             q.add_argument("--plot", help="PNG of the curve")
             q.add_argument("--out", help="JSON of the curve")
         if name != "fewshot":
-            _add_last_blocks(q)
+            _add_feature_options(q)
         q.set_defaults(fn=fn)
     q = esub.add_parser("cluster", help="k-means NMI / ARI / purity, and a t-SNE picture")
     q.add_argument("--model", required=True, help="encoder to evaluate, or 'raw' for raw pixels")
@@ -543,8 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="a folder or image files")
     p.add_argument("--out", required=True, help="output .npy (paths go to <out>.paths.txt)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--pooling", choices=["default", "cls", "mean", "gem"])
-    _add_last_blocks(p)
+    _add_feature_options(p)
     p.set_defaults(fn=_cmd_embed)
 
     for name, fn, help_ in (("knn", _cmd_knn, "weighted k-NN top-1 on labelled folders"),
@@ -558,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.07)
         else:
             p.add_argument("--epochs", type=int, default=60)
-        _add_last_blocks(p)
+        _add_feature_options(p)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("export", help="export an encoder (safetensors, ONNX, int8/fp16), every file verified")

@@ -132,7 +132,22 @@ class Encoder:
     # -- properties ---------------------------------------------------------------------
     @property
     def image_size(self) -> int:
+        """The input resolution images are resized (and centre-cropped) to before the backbone."""
         return int(self.config["image_size"])
+
+    @image_size.setter
+    def image_size(self, size: int) -> None:
+        # a test resolution above the training one often helps after random-resized-crop training
+        # (FixRes, Touvron et al. 2019); the new size is saved with the encoder and exported
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {size!r}")
+        if int(size) != self.image_size and not self._takes_any_size():
+            raise ValueError(f"{self.config['backbone']['name']} takes a fixed input size; image_size stays "
+                             f"{self.image_size}")
+        self.config["image_size"] = int(size)
+
+    def _takes_any_size(self) -> bool:
+        return not self.backbone.is_vit or bool(getattr(self.backbone.model, "dynamic_img_size", True))
 
     @property
     def num_features(self) -> int:
@@ -162,9 +177,10 @@ class Encoder:
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
                         device: str | torch.device | None = None, precision: str = "auto",
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                        allow_pickle: bool = False) -> "Encoder":
+                        allow_pickle: bool = False, image_size: int | None = None) -> "Encoder":
         """Load from a run/exported folder, a ``.safetensors`` file, or a hub id
         (``"org/name"``, optionally at ``revision``; downloaded through huggingface-hub).
+        ``image_size`` overrides the saved input resolution (see :attr:`image_size`).
         An ``.onnx`` file, or a folder holding ``model.onnx`` + ``config.json`` and no
         ``model.safetensors``, gives an onnxruntime-backed
         :class:`~sslfeatures.export.OrtEncoder` with the same inference API."""
@@ -174,7 +190,10 @@ class Encoder:
                                               and (path / "model.onnx").exists()):
             from .export.runtime import OrtEncoder
 
-            return OrtEncoder.from_pretrained(path, device=None if device is None else str(device))
+            enc = OrtEncoder.from_pretrained(path, device=None if device is None else str(device))
+            if image_size is not None:
+                enc.image_size = image_size
+            return enc
         if path.exists():
             folder = path if path.is_dir() else path.parent
             weights = path if path.is_file() else folder / WEIGHTS_NAME
@@ -210,6 +229,8 @@ class Encoder:
         enc = cls(bb, config, device=device, precision=precision)
         enc.source_dir = folder
         enc.hub_revision = hub_commit
+        if image_size is not None:
+            enc.image_size = image_size
         return enc
 
     @staticmethod

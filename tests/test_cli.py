@@ -28,6 +28,12 @@ def test_pretrain_embed_knn_export(tiny_images, labelled_images, tmp_path, capsy
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "g.npy"),
                  "--last-blocks", "2"]) == 0  # stage 3 (64) + stage 4 (128)
     assert np.load(tmp_path / "g.npy").shape == (48, 192)
+    assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "h.npy"),
+                 "--image-size", "40", "--pooling", "gem"]) == 0
+    from sslfeatures import Encoder
+
+    enc = Encoder.from_pretrained(run, image_size=40)
+    assert np.allclose(np.load(tmp_path / "h.npy"), enc.embed_folder(tiny_images, pooling="gem")[1], atol=1e-5)
     capsys.readouterr()
     train, test = labelled_images
     assert main(["knn", "--model", str(run), "--train", str(train), "--test", str(test)]) == 0

@@ -59,6 +59,27 @@ def test_vit_patch_tokens_and_cls():
     assert enc.embed(x, pooling="cls").shape == (1, 192)
 
 
+def test_image_size_override_is_a_test_resolution(encoder, tmp_path):
+    """from_pretrained(image_size=) resizes inputs to the new size (a ViT interpolates its position
+    embeddings), is saved with the encoder, and a bad value is a clear error."""
+    x = (np.random.default_rng(0).random((2, 28, 28, 3)) * 255).astype(np.uint8)
+    encoder.save_pretrained(tmp_path / "e")
+    big = Encoder.from_pretrained(tmp_path / "e", image_size=40)
+    assert big.image_size == 40 and Encoder.from_pretrained(tmp_path / "e").image_size == 32
+    # the same as upsizing the images to 40 px by hand (bicubic) and embedding them at that size
+    ref = big.embed([np.asarray(Image.fromarray(xi).resize((40, 40), Image.BICUBIC)) for xi in x])
+    assert np.allclose(big.embed(x), ref, atol=1e-5)
+    assert not np.allclose(big.embed(x), encoder.embed(x), atol=1e-3)
+    big.save_pretrained(tmp_path / "big")
+    assert json.loads((tmp_path / "big" / "config.json").read_text())["image_size"] == 40
+    vit = Encoder.random_init("vit_tiny_patch16_224", image_size=32, patch_size=8, backbone_kwargs={"depth": 1})
+    vit.image_size = 48
+    assert vit.embed(x).shape == (2, 192) and vit.patch_features(x).shape == (2, 36, 192)
+    for bad in (0, -4, 3.5, True):
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            Encoder.from_pretrained(tmp_path / "e", image_size=bad)
+
+
 @pytest.mark.parametrize("name, kw", [
     ("resnet18", dict(image_size=32, stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 128]})),
     ("vit_tiny_patch16_224", dict(image_size=32, patch_size=8, backbone_kwargs={"depth": 3})),

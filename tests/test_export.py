@@ -98,6 +98,12 @@ def test_ort_encoder_has_the_encoder_api(exports, tiny_images, photos):
     assert np.abs(ort.embed(photos[0], pooling="mean") - enc.embed(photos[0], pooling="mean")).max() < 1e-4
     with pytest.raises(ValueError, match="pooling='cls' needs a re-export"):
         ort.embed(photos[0], pooling="cls")
+    big = Encoder.from_pretrained(files["onnx"], image_size=48)  # a dynamic-size graph takes a test resolution
+    enc.image_size = 48
+    try:
+        assert np.abs(big.embed(tiny_images) - enc.embed(tiny_images)).max() < 1e-4
+    finally:
+        enc.image_size = 32
     paths, feats = ort.embed_folder(tiny_images)
     assert len(paths) == 48 and feats.shape == (48, enc.num_features)
     with pytest.raises(TypeError, match="needs the PyTorch weights"):
@@ -143,6 +149,8 @@ def test_fixed_size_export_is_explicit(tmp_path, tiny_images):
     with pytest.raises(Exception, match="(?i)dimension|shape"):
         sess.run(["embedding"], {"images": parity_batch(enc, tiny_images, 2, 48)})
     assert "fixed image size 32" in (tmp_path / "README.md").read_text()
+    with pytest.raises(ValueError, match="takes a fixed input size"):
+        Encoder.from_pretrained(files["onnx"], image_size=48)
 
 
 def test_fp16_int8_variants_and_their_knn_cost(exports, tiny_images):

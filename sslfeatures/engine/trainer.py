@@ -225,7 +225,9 @@ class Pretrainer:
         main = dist.is_main_process()
 
         # data first: a missing/empty folder fails before any model is built
-        load_size = max(spec.out_size(cfg.image_size) for spec in self.views.specs)
+        # decoded at image_size at least: views smaller than it (FixRes-style low-resolution training)
+        # crop from the full-resolution image, not from a downscaled copy
+        load_size = max([cfg.image_size] + [spec.out_size(cfg.image_size) for spec in self.views.specs])
         source = self._source(data, load_size)
         report = BadFileReport(strict=cfg.strict)
         stream_cls = getattr(source, "stream_class", TrainStream)  # e.g. PairStream for captioned images

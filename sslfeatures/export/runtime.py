@@ -136,6 +136,9 @@ class OrtEncoder(Encoder):
         self.precision = "fp32"            # no torch autocast around an onnxruntime call
         self.source_dir = self.onnx_path.parent
 
+    def _takes_any_size(self) -> bool:
+        return bool((self.config.get("onnx") or {}).get("dynamic_image_size", False))
+
     def _probe_dim(self) -> int:
         s = self.image_size
         x = np.zeros((1, 3, s, s), np.float32)
