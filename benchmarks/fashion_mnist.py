@@ -165,13 +165,19 @@ def train_data(method: str, folders: dict[str, Path], work: Path) -> Path:
     return captions_from_labels(folders["train"], work / "data" / "train_captions.csv")
 
 
-def evaluate(enc: Encoder, folders, last_blocks: int = 1) -> dict:
+def evaluate(enc: Encoder, folders, last_blocks: int = 1, pooling: str | None = None,
+             test_size: int | None = None) -> dict:
     """k-NN and linear top-1 of the frozen features; ``last_blocks=n``: the last n blocks' (ViT) or
-    stages' (CNN) pooled outputs concatenated (DINO/DINOv2's linear evaluation of ViTs uses 4)."""
-    xtr, ytr, _ = enc.embed_labelled(folders["train"], batch_size=256, last_blocks=last_blocks)
-    xte, yte, _ = enc.embed_labelled(folders["test"], batch_size=256, last_blocks=last_blocks)
+    stages' (CNN) pooled outputs concatenated (DINO/DINOv2's linear evaluation of ViTs uses 4);
+    ``pooling`` instead of the encoder's; ``test_size``: the input resolution (default the encoder's)."""
+    if test_size:
+        enc.image_size = test_size
+    kw = dict(batch_size=256, last_blocks=last_blocks, pooling=pooling)
+    xtr, ytr, _ = enc.embed_labelled(folders["train"], **kw)
+    xte, yte, _ = enc.embed_labelled(folders["test"], **kw)
     return {"knn": weighted_knn(xtr, ytr, xte, yte)["top1"], "linear": linear_probe(xtr, ytr, xte, yte)["top1"],
-            **({"last_blocks": last_blocks, "dim": int(xtr.shape[1])} if last_blocks != 1 else {})}
+            **({"last_blocks": last_blocks, "dim": int(xtr.shape[1])} if last_blocks != 1 else {}),
+            **({"pooling": pooling} if pooling else {}), **({"test_size": test_size} if test_size else {})}
 
 
 def random_like(run_dir: Path, seed: int = 0) -> Encoder:
@@ -229,6 +235,10 @@ def main() -> None:
                     help="evaluate these rows' saved runs again (run_<ROW>), with --last-blocks; no training")
     ap.add_argument("--last-blocks", type=int, default=1,
                     help="with --reevaluate: features of the last N blocks/stages concatenated")
+    ap.add_argument("--pooling", choices=["default", "cls", "mean", "gem"],
+                    help="evaluate with this pooling instead of the encoder's (also after training)")
+    ap.add_argument("--test-size", type=int,
+                    help="evaluate at this input resolution instead of the encoder's 28 px (FixRes; also after training)")
     ap.add_argument("--table", nargs="*", metavar="ROW",
                     help="print the markdown table of these rows (default: every row) from results.jsonl and exit")
     args = ap.parse_args()
@@ -263,17 +273,19 @@ def main() -> None:
             emit({"row": f"random init {name}", **evaluate(enc, folders)})
         return
 
+    evaluation = dict(last_blocks=args.last_blocks, pooling=args.pooling, test_size=args.test_size)
+    how = "".join(f", {t}" for t in (f"last {args.last_blocks} blocks" if args.last_blocks != 1 else "",
+                                     f"{args.pooling} pooling" if args.pooling else "",
+                                     f"at {args.test_size} px" if args.test_size else "") if t)
     if args.random_like:
         for name in args.random_like:
-            tag = f" (last {args.last_blocks} blocks)" if args.last_blocks != 1 else ""
-            emit({"row": f"random init (as {name}){tag}",
-                  **evaluate(random_like(work / f"run_{name}"), folders, args.last_blocks)})
+            emit({"row": f"random init (as {name}{how})", **evaluate(random_like(work / f"run_{name}"), folders,
+                                                                     **evaluation)})
         return
     if args.reevaluate:
         for name in args.reevaluate:
-            tag = f" (last {args.last_blocks} blocks)" if args.last_blocks != 1 else " (re-evaluated)"
-            emit({"row": name + tag, **evaluate(Encoder.from_pretrained(work / f"run_{name}"), folders,
-                                                args.last_blocks)})
+            emit({"row": f"{name} ({how[2:] or 're-evaluated'})",
+                  **evaluate(Encoder.from_pretrained(work / f"run_{name}"), folders, **evaluation)})
         return
 
     for method in args.methods:
@@ -290,7 +302,7 @@ def main() -> None:
         run = Pretrainer(method, **cfg).fit(data, output_dir=work / f"run_{method}{args.tag}", overwrite=True)
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads
-        res = evaluate(Encoder.from_pretrained(run.output_dir), folders)
+        res = evaluate(Encoder.from_pretrained(run.output_dir), folders, **evaluation)
         emit({"row": method + args.tag, "backbone": cfg["backbone"], "overrides": {k: v for k, v in cfg.items() if k != "num_workers"},
               "epochs": cfg["epochs"], "train_minutes": round(minutes, 1), "train_cpu_minutes": round(cpu_minutes, 1),
               "threads": args.threads, "in_memory": args.in_memory, "steps": run.steps, **res})
