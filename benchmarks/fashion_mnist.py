@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from build_demo_data import load_split  # noqa: E402
 
 from sslfeatures import Encoder, Pretrainer  # noqa: E402
+from sslfeatures.backbones import POOLINGS  # noqa: E402
 from sslfeatures.data.demo import write_image_folders  # noqa: E402
 from sslfeatures.eval import linear_probe, raw_pixel_features, weighted_knn  # noqa: E402
 
@@ -235,7 +236,7 @@ def main() -> None:
                     help="evaluate these rows' saved runs again (run_<ROW>), with --last-blocks; no training")
     ap.add_argument("--last-blocks", type=int, default=1,
                     help="with --reevaluate: features of the last N blocks/stages concatenated")
-    ap.add_argument("--pooling", choices=["default", "cls", "mean", "gem"],
+    ap.add_argument("--pooling", choices=POOLINGS,
                     help="evaluate with this pooling instead of the encoder's (also after training)")
     ap.add_argument("--test-size", type=int,
                     help="evaluate at this input resolution instead of the encoder's 28 px (FixRes; also after training)")
@@ -274,17 +275,17 @@ def main() -> None:
         return
 
     evaluation = dict(last_blocks=args.last_blocks, pooling=args.pooling, test_size=args.test_size)
-    how = "".join(f", {t}" for t in (f"last {args.last_blocks} blocks" if args.last_blocks != 1 else "",
-                                     f"{args.pooling} pooling" if args.pooling else "",
-                                     f"at {args.test_size} px" if args.test_size else "") if t)
+    how = ", ".join(t for t in (f"last {args.last_blocks} blocks" if args.last_blocks != 1 else "",
+                                f"{args.pooling} pooling" if args.pooling else "",
+                                f"at {args.test_size} px" if args.test_size else "") if t)
     if args.random_like:
         for name in args.random_like:
-            emit({"row": f"random init (as {name}{how})", **evaluate(random_like(work / f"run_{name}"), folders,
-                                                                     **evaluation)})
+            emit({"row": f"random init (as {', '.join([name] + [how] * bool(how))})",
+                  **evaluate(random_like(work / f"run_{name}"), folders, **evaluation)})
         return
     if args.reevaluate:
         for name in args.reevaluate:
-            emit({"row": f"{name} ({how[2:] or 're-evaluated'})",
+            emit({"row": f"{name} ({how or 're-evaluated'})",
                   **evaluate(Encoder.from_pretrained(work / f"run_{name}"), folders, **evaluation)})
         return
 
