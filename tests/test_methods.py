@@ -48,3 +48,34 @@ def test_loss_falls(name, tiny_images, tmp_path):
     v = enc.embed(tiny_images)
     assert v.shape == (48, enc.num_features) and v.dtype == np.float32 and np.isfinite(v).all()
     assert (run.output_dir / "metrics.csv").exists() and (run.output_dir / "loss.png").exists()
+
+
+def test_moco_shuffling_bn_normalises_query_and_key_with_different_groups():
+    """MoCo's shuffling BN: with BN in train mode the key of an image is normalised with a
+    random group of images, not the query's; the keys still come back in the batch's order."""
+    import torch
+    import torch.nn as nn
+
+    from sslfeatures.methods.moco import split_forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False))
+    x = torch.randn(16, 4)
+    whole = net(x)
+    ordered = split_forward(net, x, 4)
+    for i in range(4):  # each quarter of the batch is normalised alone, in order
+        assert torch.allclose(ordered[4 * i:4 * i + 4], net(x[4 * i:4 * i + 4]), atol=1e-5)
+    assert not torch.allclose(ordered, whole, atol=1e-3)
+    torch.manual_seed(1)
+    shuffled = split_forward(net, x, 4, shuffle=True)
+    torch.manual_seed(1)
+    order = torch.randperm(16)
+    groups = [set(order[4 * i:4 * i + 4].tolist()) for i in range(4)]
+    for i in range(16):  # row i is image i, normalised with the random group that holds it
+        g = sorted(next(s for s in groups if i in s))
+        assert torch.allclose(shuffled[i], net(x[g])[g.index(i)], atol=1e-5)
+    assert any(groups[i] != set(range(4 * i, 4 * i + 4)) for i in range(4))
+    net.eval()  # with running statistics the grouping changes nothing
+    assert torch.allclose(split_forward(net, x, 4, shuffle=True), net(x), atol=1e-6)
+    assert torch.equal(split_forward(net, x[:3], 8), net(x[:3]))  # too few images to split: one group
+    assert Pretrainer("mocov2").method_cfg.bn_splits == 8 and Pretrainer("mocov1").method_cfg.bn_splits == 8

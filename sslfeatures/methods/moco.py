@@ -6,8 +6,13 @@ FIFO queue of past keys as negatives.
 - ``mocov2`` — Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
   Learning": a 2-layer MLP head, temperature 0.2, stronger augmentations (blur).
 
-Not implemented: MoCo's shuffling BN (keys computed with the batch shuffled across GPUs so
-that BatchNorm statistics cannot leak which key belongs to which query).
+Shuffling BN (section 3.3 of the MoCo paper): BatchNorm statistics shared by a query and its
+positive key let the model "cheat" the pretext task. The paper computes BN per GPU and shuffles
+the keys' batch across GPUs, so a query and its key are normalised with two different subsets.
+Here the same happens inside each process, as in MoCo's one-GPU CIFAR demo: both encoders run
+on ``bn_splits`` sub-batches (the paper's 8 GPUs by default), the query encoder on the batch in
+order, the key encoder on a random permutation of it (``bn_splits=1`` turns it off: one BN
+group, as SyncBatchNorm).
 """
 from __future__ import annotations
 
@@ -32,6 +37,20 @@ class MoCoConfig(MethodConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     symmetric: bool = False
+    bn_splits: int = 8   # shuffling BN: BatchNorm groups per process (1: off)
+
+
+def split_forward(module: nn.Module, x: torch.Tensor, splits: int, shuffle: bool = False) -> torch.Tensor:
+    """``module(x)`` computed on ``splits`` sub-batches, so that BatchNorm normalises each with its
+    own statistics (one "GPU" each); with ``shuffle`` the sub-batches are a random permutation of
+    the batch, and the outputs come back in the input's order."""
+    splits = max(1, min(splits, len(x) // 2))  # at least 2 images per BN group
+    if splits == 1:
+        return module(x)
+    order = torch.randperm(len(x), device=x.device) if shuffle else None
+    chunks = (x[order] if shuffle else x).chunk(splits)
+    out = torch.cat([module(c) for c in chunks])
+    return out[torch.argsort(order)] if shuffle else out
 
 
 @register("mocov2")
@@ -55,15 +74,13 @@ class MoCoV2(Method):
 
     def training_step(self, views, info):
         x1, x2 = views
-        q1 = self.query(x1)
-        with torch.no_grad():
-            k2 = F.normalize(self.key(x2).float(), dim=1)
+        q1 = self.encode_query(x1)
+        k2 = self.encode_key(x2)
         loss = info_nce_queue(q1, k2, self.queue, self.cfg.temperature)
         keys = [k2]
         if self.cfg.symmetric:
-            q2 = self.query(x2)
-            with torch.no_grad():
-                k1 = F.normalize(self.key(x1).float(), dim=1)
+            q2 = self.encode_query(x2)
+            k1 = self.encode_key(x1)
             loss = 0.5 * (loss + info_nce_queue(q2, k1, self.queue, self.cfg.temperature))
             keys.append(k1)
         keys = torch.cat(keys)
@@ -71,6 +88,14 @@ class MoCoV2(Method):
             keys = torch.cat([self._pending_keys, keys])  # gradient accumulation: enqueue every micro-batch's keys
         self._pending_keys = keys
         return {"loss": loss}
+
+    def encode_query(self, x: torch.Tensor) -> torch.Tensor:
+        return split_forward(self.query, x, self.cfg.bn_splits)
+
+    @torch.no_grad()
+    def encode_key(self, x: torch.Tensor) -> torch.Tensor:
+        """The momentum encoder's keys, l2-normalised; shuffled BN groups (shuffling BN)."""
+        return F.normalize(split_forward(self.key, x, self.cfg.bn_splits, shuffle=True).float(), dim=1)
 
     @torch.no_grad()
     def after_optimizer_step(self, info):
@@ -90,6 +115,7 @@ class MoCoV1Config(MethodConfig):
     ema_momentum: float = 0.999
     proj_dim: int = 128
     symmetric: bool = False
+    bn_splits: int = 8
 
 
 @register("mocov1")
