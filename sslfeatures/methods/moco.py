@@ -6,13 +6,15 @@ FIFO queue of past keys as negatives.
 - ``mocov2`` — Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
   Learning": a 2-layer MLP head, temperature 0.2, stronger augmentations (blur).
 
-Shuffling BN (section 3.3 of the MoCo paper): BatchNorm statistics shared by a query and its
-positive key let the model "cheat" the pretext task. The paper computes BN per GPU and shuffles
-the keys' batch across GPUs, so a query and its key are normalised with two different subsets.
-Here the same happens inside each process, as in MoCo's one-GPU CIFAR demo: both encoders run
-on ``bn_splits`` sub-batches (the paper's 8 GPUs by default), the query encoder on the batch in
-order, the key encoder on a random permutation of it (``bn_splits=1`` turns it off: one BN
-group, as SyncBatchNorm).
+BatchNorm and the "cheating" of section 3.3 of the MoCo paper: statistics shared by a query
+and its positive key let the model solve the pretext task without learning. The paper computed
+BN per GPU and shuffled the keys' batch across GPUs (shuffling BN); SimCLR's fix is global BN,
+statistics over the whole batch. By default (``bn_splits=1``) both encoders normalise over the
+whole batch: one process, or SyncBatchNorm across processes (the engine's default under
+torchrun). ``bn_splits=n`` emulates shuffling BN inside each process, as MoCo's one-GPU
+CIFAR demo: both encoders run on n sub-batches, the query encoder on the batch in order, the
+key encoder on a random permutation of it. On Fashion-MNIST at batch 128 (groups of 16) it
+cost 1.4x per step and 0.9 k-NN points after 2 epochs (benchmarks/RESULTS.md), so it is off.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class MoCoConfig(MethodConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     symmetric: bool = False
-    bn_splits: int = 8   # shuffling BN: BatchNorm groups per process (1: off)
+    bn_splits: int = 1   # >1: shuffling BN with this many BatchNorm groups per process
 
 
 def split_forward(module: nn.Module, x: torch.Tensor, splits: int, shuffle: bool = False) -> torch.Tensor:
@@ -115,7 +117,7 @@ class MoCoV1Config(MethodConfig):
     ema_momentum: float = 0.999
     proj_dim: int = 128
     symmetric: bool = False
-    bn_splits: int = 8
+    bn_splits: int = 1
 
 
 @register("mocov1")
