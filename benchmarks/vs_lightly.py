@@ -234,9 +234,7 @@ CASES: dict[str, Case] = {
     "simclr": Case(32, 128, dict(method="simclr", backbone="resnet18", optimizer="sgd", lr=0.06, temperature=0.1,
                                  proj_hidden_dim=2048, views=[SIMCLR_VIEW]), lightly_simclr),
     "byol": Case(32, 128, dict(method="byol", backbone="resnet18", views=BYOL_VIEWS), lightly_byol),
-    # bn_splits=1: lightly's MoCo example has no shuffling BN (one BN group, as the results were measured)
-    "mocov2": Case(32, 128, dict(method="mocov2", backbone="resnet18", queue_size=4096, bn_splits=1,
-                                 views=[MOCO_VIEW]),
+    "mocov2": Case(32, 128, dict(method="mocov2", backbone="resnet18", queue_size=4096, views=[MOCO_VIEW]),
                    lightly_mocov2),
     "dino": Case(64, 64, dict(method="dino", **VIT_TINY, **DINO_HEAD, views=DINO_VIEWS), lightly_dino, cnn=False),
     "mae": Case(64, 64, dict(method="mae", **VIT_TINY, views=[MAE_VIEW]), lightly_mae, cnn=False),

@@ -96,7 +96,7 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def encode_key(self, x: torch.Tensor) -> torch.Tensor:
-        """The momentum encoder's keys, l2-normalised; shuffled BN groups (shuffling BN)."""
+        """The momentum encoder's keys, l2-normalised (BN groups shuffled when ``bn_splits > 1``)."""
         return F.normalize(split_forward(self.key, x, self.cfg.bn_splits, shuffle=True).float(), dim=1)
 
     @torch.no_grad()
