@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # torch/torchvision are pinned here only (the library declares ranges in pyproject.toml)
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test lint install install-dev bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,11 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) examples/demo.py --out demo_out
 
-test: install-dev
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: install-dev
+	$(PY) -m ruff check .
 
 bench: install-dev
 	$(PY) benchmarks/fashion_mnist.py

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_minus_result_mb']:>17}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        per_image = (b["peak_rss"] - b["result_bytes"] - a["peak_rss"] + a["result_bytes"]) / (b["images"] - a["images"])
+        per_image = ((b["peak_rss"] - b["result_bytes"] - a["peak_rss"] + a["result_bytes"])
+                     / (b["images"] - a["images"]))
         print(f"growth beyond the result: {per_image:.0f} bytes per image (the file list); "
               f"extrapolated to 1M images: {per_image * 1e6 / 2**20:.0f} MB + the result")
     OUT.parent.mkdir(parents=True, exist_ok=True)

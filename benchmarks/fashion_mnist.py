@@ -110,13 +110,15 @@ SETTINGS: dict[str, dict] = {
                     pred_hidden_dim=256, views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "count": 2}]),
     "barlow_twins": dict(CNN, epochs=3, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
                          views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
-                                {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
+                                {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1,
+                                 "solarize_p": 0.2}]),
     "vicreg": dict(CNN, epochs=3, batch_size=128, lr=0.5, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=1024,
                    views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
                           {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
     "wmse": dict(CNN, epochs=4, batch_size=128, lr=1e-2, warmup_epochs=0.2, proj_hidden_dim=1024, proj_dim=64,
                  w_size=128, w_iter=1,
-                 views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "gray_p": 0.1, "blur_p": 0.0, "count": 2}]),
+                 views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "gray_p": 0.1, "blur_p": 0.0,
+                         "count": 2}]),
     # classic pretext tasks (Methods III). Fashion-MNIST is grayscale: colorization and split-brain see
     # ab = 0 everywhere, so their rows show what a colour pretext task gives on gray data (next to nothing).
     "rotation": dict(CNN, epochs=3, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_epochs=0.1,
@@ -126,7 +128,8 @@ SETTINGS: dict[str, dict] = {
                               views=[{"size": 56, "scale": [0.8, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
     "jigsaw": dict(CNN, epochs=3, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.1,
                    num_permutations=100, tile_dim=128, head_hidden_dim=1024,
-                   views=[{"size": 63, "scale": [0.7, 1.0], "hflip": 0.0, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
+                   views=[{"size": 63, "scale": [0.7, 1.0], "hflip": 0.0, "jitter_p": 0.0, "gray_p": 0.0,
+                           "blur_p": 0.0}]),
     "context_encoder": dict(CNN, epochs=3, batch_size=128, lr=2e-3, warmup_epochs=0.1, decoder_dim=256, disc_dim=32,
                             views=[{"scale": [0.6, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
     "colorization": dict(CNN, epochs=3, batch_size=128, lr=1e-3, warmup_epochs=0.1, head_dim=128,
@@ -241,7 +244,8 @@ def main() -> None:
     ap.add_argument("--pooling", choices=POOLINGS,
                     help="evaluate with this pooling instead of the encoder's (also after training)")
     ap.add_argument("--test-size", type=int,
-                    help="evaluate at this input resolution instead of the encoder's 28 px (FixRes; also after training)")
+                    help="evaluate at this input resolution instead of the encoder's 28 px "
+                         "(FixRes; also after training)")
     ap.add_argument("--table", nargs="*", metavar="ROW",
                     help="print the markdown table of these rows (default: every row) from results.jsonl and exit")
     args = ap.parse_args()
@@ -269,7 +273,8 @@ def main() -> None:
         emit({"row": "raw pixels", "knn": weighted_knn(xtr, ytr, xte, yte)["top1"],
               "linear": linear_probe(xtr, ytr, xte, yte)["top1"]})
         for name, cfg in (("ResNet-18/4 (quarter width, 3x3/2 stem) 28 px", CNN),
-                          ("ResNet-18/2 (half width, 3x3/2 stem) 28 px", CNN_HALF), ("ViT-Tiny/4, 6 blocks, 28 px", VIT),
+                          ("ResNet-18/2 (half width, 3x3/2 stem) 28 px", CNN_HALF),
+                          ("ViT-Tiny/4, 6 blocks, 28 px", VIT),
                           ("ViT-Tiny/7, 6 blocks, 28 px", dict(VIT, patch_size=7))):
             enc = Encoder.random_init(cfg["backbone"], image_size=28, stem=cfg.get("stem", "default"),
                                       patch_size=cfg.get("patch_size"), backbone_kwargs=cfg["backbone_kwargs"])
@@ -306,7 +311,8 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         cpu_minutes = (time.process_time() - c0) / 60  # CPU time of all this process's threads
         res = evaluate(Encoder.from_pretrained(run.output_dir), folders, **evaluation)
-        emit({"row": method + args.tag, "backbone": cfg["backbone"], "overrides": {k: v for k, v in cfg.items() if k != "num_workers"},
+        emit({"row": method + args.tag, "backbone": cfg["backbone"],
+              "overrides": {k: v for k, v in cfg.items() if k != "num_workers"},
               "epochs": cfg["epochs"], "train_minutes": round(minutes, 1), "train_cpu_minutes": round(cpu_minutes, 1),
               "threads": args.threads, "in_memory": args.in_memory, "steps": run.steps, **res})
 

@@ -46,7 +46,7 @@ from sslfeatures.data.demo import load_demo_arrays, write_demo_folders  # noqa: 
 class Timer:
     """Wall-clock and process CPU seconds of a block."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.w0, self.c0 = time.perf_counter(), time.process_time()
         return self
 

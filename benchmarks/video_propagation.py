@@ -120,7 +120,8 @@ def check_lite0_imagenet(enc: Encoder) -> dict:
     m.eval()
     out = {}
     for name in ("chelsea", "coffee", "astronaut"):
-        x = torch.from_numpy(np.asarray(Image.fromarray(getattr(data, name)()).resize((224, 224), Image.BICUBIC)).copy())
+        x = torch.from_numpy(
+            np.asarray(Image.fromarray(getattr(data, name)()).resize((224, 224), Image.BICUBIC)).copy())
         x = (x.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
         with torch.no_grad():
             out[name] = int(m(x).argmax())

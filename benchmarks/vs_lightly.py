@@ -48,7 +48,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -381,8 +382,9 @@ class TransformedImages(torch.utils.data.Dataset):
 
 
 def lightly_loader(imgs, tf, batch: int, workers: int, device):
-    return torch.utils.data.DataLoader(TransformedImages(imgs, tf), batch_size=batch, num_workers=workers, drop_last=True, shuffle=True,
-                                       persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+    return torch.utils.data.DataLoader(TransformedImages(imgs, tf), batch_size=batch, num_workers=workers,
+                                       drop_last=True, shuffle=True, persistent_workers=workers > 0,
+                                       pin_memory=device.type == "cuda",
                                        prefetch_factor=4 if workers else None)
 
 

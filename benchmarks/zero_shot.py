@@ -118,7 +118,8 @@ def main() -> None:
                 zs = probe.classify(None, [NAMES[c] for c in unseen], TEMPLATES, image_embeddings=img[u])
                 sn = probe.classify(None, [NAMES[c] for c in seen], TEMPLATES, image_embeddings=img[s_])
                 allp = probe.classify(None, NAMES, TEMPLATES, image_embeddings=img)
-                row = {"encoder": enc_name, "split": split, "text_proj": proj, "seed": seed, "seen": [NAMES[c] for c in seen],
+                row = {"encoder": enc_name, "split": split, "text_proj": proj, "seed": seed,
+                       "seen": [NAMES[c] for c in seen],
                        "zero_shot_unseen_top1": zs.top1(np.searchsorted(unseen, yte[u])),
                        "seen_top1": sn.top1(np.searchsorted(seen, yte[s_])),
                        **_gzsl(allp.indices, yte, seen, unseen),
@@ -132,15 +133,19 @@ def main() -> None:
                       f"seen {row['seen_top1']:.3f}  GZSL all {row['gzsl_top1']:.3f} (S {row['gzsl_seen']:.3f}, "
                       f"U {row['gzsl_unseen']:.3f}, H {row['gzsl_H']:.3f})  loss {row['loss_first']:.3f}->"
                       f"{row['loss_last']:.3f}  {fit_s:.0f}s", flush=True)
-    print("\n| encoder | split | text projection | zero-shot top-1, 5 unseen (chance 20%) | seen top-1 (5-way) | GZSL top-1 (10-way) "
-          "| GZSL seen / unseen / H |")
+    print("\n| encoder | split | text projection | zero-shot top-1, 5 unseen (chance 20%) | seen top-1 (5-way) "
+          "| GZSL top-1 (10-way) | GZSL seen / unseen / H |")
     print("|---|---|---|---|---|---|---|")
     for enc_name in args.encoders.split(","):
         for split, proj in [(sp, p) for sp in SPLITS for p in args.text_proj.split(",")]:
             r = [x for x in rows if x["encoder"] == enc_name and x["split"] == split and x["text_proj"] == proj]
-            f = lambda k: f"{100 * np.mean([x[k] for x in r]):.1f} ± {100 * np.std([x[k] for x in r]):.1f}"  # noqa: E731
-            print(f"| {enc_name} | {split} | {proj} | {f('zero_shot_unseen_top1')} | {f('seen_top1')} | {f('gzsl_top1')} | "
-                  f"{100 * np.mean([x['gzsl_seen'] for x in r]):.1f} / {100 * np.mean([x['gzsl_unseen'] for x in r]):.1f}"
+
+            def f(k, r=r):
+                return f"{100 * np.mean([x[k] for x in r]):.1f} ± {100 * np.std([x[k] for x in r]):.1f}"
+
+            print(f"| {enc_name} | {split} | {proj} | {f('zero_shot_unseen_top1')} | {f('seen_top1')} | "
+                  f"{f('gzsl_top1')} | {100 * np.mean([x['gzsl_seen'] for x in r]):.1f} / "
+                  f"{100 * np.mean([x['gzsl_unseen'] for x in r]):.1f}"
                   f" / {100 * np.mean([x['gzsl_H'] for x in r]):.1f} |")
     print(f"\nmachine: {machine}")
 

@@ -81,7 +81,10 @@ def _neighbour_picture(xtr, ytr, xte, yte, classes, folders, path, n_queries=8, 
     b = torch.nn.functional.normalize(torch.from_numpy(xtr), dim=1)
     qs = np.linspace(0, len(xte) - 1, n_queries).astype(int)
     nn_idx = (a[qs] @ b.T).topk(k, dim=1).indices.numpy()
-    load = lambda p: np.asarray(Image.open(p).convert("RGB"))
+
+    def load(p):
+        return np.asarray(Image.open(p).convert("RGB"))
+
     plot_neighbours([load(te_files[q]) for q in qs], [[load(tr_files[j]) for j in row] for row in nn_idx], path,
                     [classes[yte[q]] for q in qs], [[classes[ytr[j]] for j in row] for row in nn_idx],
                     title="test query (left) and its nearest training images by SimCLR features")

@@ -228,7 +228,7 @@ def main() -> None:
             method, cfg = train(name, videos, args.video_steps, out)
             from sslfeatures.video import list_videos
 
-            for i, video in enumerate(list_videos(videos)[:2]):
+            for video in list_videos(videos)[:2]:
                 video_propagation(method, cfg, video, out / f"video_propagation_{video.stem}.png")
             continue
         method, cfg = train(name, train_set, args.steps, out)

@@ -64,7 +64,8 @@ def photos() -> dict[str, np.ndarray]:
     return out
 
 
-def crops(pics: dict[str, np.ndarray], n: int, size: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[str]]:
+def crops(pics: dict[str, np.ndarray], n: int, size: int,
+          rng: np.random.Generator) -> tuple[list[np.ndarray], list[str]]:
     names, out = list(pics), []
     labels = []
     for k in range(n):
@@ -137,7 +138,8 @@ def mask_numbers(enc: Encoder, comps: list[tuple[np.ndarray, np.ndarray]]) -> di
         prec_pca.append(mask_precision(fg, mask))
         iou_pca.append(mask_iou(fg, mask))
         fg_frac.append(float(fg.mean()))
-    return {"attention_iou_mean_of_heads": float(np.mean(iou_mean)), "attention_iou_per_head": float(np.mean(iou_heads)),
+    return {"attention_iou_mean_of_heads": float(np.mean(iou_mean)),
+            "attention_iou_per_head": float(np.mean(iou_heads)),
             "attention_iou_best_head": float(np.mean(iou_best)), "pca_foreground_on_object": float(np.mean(prec_pca)),
             "pca_foreground_iou": float(np.mean(iou_pca)), "pca_foreground_fraction": float(np.mean(fg_frac)),
             "object_fraction": float(np.mean([m.mean() for _, m in comps])), "images": len(comps)}
@@ -165,7 +167,8 @@ def main() -> None:
     dino_dir = pretrain("dino", train, args.dino_steps, 32, out, lr=5e-4, warmup_epochs=1, out_dim=1024,
                         hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=0,
                         momentum_start=0.99, weight_decay_end=0.1, clip_grad=3.0,
-                        views=[{"scale": [0.3, 1.0], "blur_p": 1.0}, {"scale": [0.3, 1.0], "blur_p": 0.1, "solarize_p": 0.2},
+                        views=[{"scale": [0.3, 1.0], "blur_p": 1.0},
+                               {"scale": [0.3, 1.0], "blur_p": 0.1, "solarize_p": 0.2},
                                {"scale": [0.08, 0.3], "size_frac": 0.5, "count": 4}])
     mae_dir = pretrain("mae", train, args.mae_steps, 32, out, lr=1.5e-3, warmup_epochs=1, decoder_dim=128,
                        decoder_depth=2, decoder_heads=4, mask_ratio=0.75,
@@ -206,7 +209,8 @@ def main() -> None:
     idx, _ = nearest_neighbors(dino, None, None, k=6, query_features=feats_held[q], gallery_features=feats_held)
     save_png(neighbor_grid([held[i] for i in q], held, idx, size=48, query_labels=[held_labels[i] for i in q],
                            gallery_labels=held_labels), out / "neighbors.png")
-    plot_tsne(tsne(feats_held, held_labels), held_labels, out / "tsne.png", title="t-SNE of DINO features (held-out crops)")
+    plot_tsne(tsne(feats_held, held_labels), held_labels, out / "tsne.png",
+              title="t-SNE of DINO features (held-out crops)")
 
     t0 = time.perf_counter()
     metrics = {"dino": mask_numbers(dino, comps), "random_init": mask_numbers(rand, comps),

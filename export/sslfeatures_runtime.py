@@ -29,7 +29,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -331,7 +332,7 @@ class FaissIndex:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def add(self, vectors: np.ndarray, ids: Iterable[Any] | None = None) -> "FaissIndex":
+    def add(self, vectors: np.ndarray, ids: Iterable[Any] | None = None) -> FaissIndex:
         x = self._prep(vectors)
         ids = [str(i) for i in ids] if ids is not None else [str(len(self.ids) + i) for i in range(len(x))]
         if len(ids) != len(x):
@@ -341,7 +342,7 @@ class FaissIndex:
         return self
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: Iterable[Any] | None = None, metric: str = "cosine") -> "FaissIndex":
+    def build(cls, vectors: np.ndarray, ids: Iterable[Any] | None = None, metric: str = "cosine") -> FaissIndex:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         return cls(vectors.shape[1], metric).add(vectors, ids)
 
@@ -366,7 +367,7 @@ class FaissIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "FaissIndex | SavedIndex":
+    def load(cls, folder: str | os.PathLike) -> FaissIndex | SavedIndex:
         """A folder written by :meth:`save`, or a ``.index`` file written by sslfeatures'
         ``Index.save`` (then a :class:`SavedIndex`, which searches the same way)."""
         import faiss
@@ -403,7 +404,7 @@ class SavedIndex:
         self.encoder_config: dict[str, Any] = (meta.get("encoder") or {}).get("config") or {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SavedIndex":
+    def load(cls, path: str | os.PathLike) -> SavedIndex:
         import zipfile
 
         import faiss

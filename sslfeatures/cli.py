@@ -24,7 +24,8 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -439,7 +440,8 @@ def _cmd_index_dedup(args) -> int:
     if args.groups:
         out: Any = index.duplicate_groups(args.threshold, k=args.k)
     else:
-        out = [{"a": d.a, "b": d.b, "score": round(d.score, 6)} for d in index.near_duplicates(args.threshold, k=args.k)]
+        out = [{"a": d.a, "b": d.b, "score": round(d.score, 6)}
+               for d in index.near_duplicates(args.threshold, k=args.k)]
     text = json.dumps(out, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

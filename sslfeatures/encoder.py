@@ -11,7 +11,8 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,16 +41,16 @@ FORMAT_VERSION = 1
 CONFIG_SCHEMA: dict[str, tuple[Any, bool]] = {  # key -> (type, required)
     "backbone": (dict, True), "image_size": (int, True), "mean": (tuple[float, float, float], True),
     "std": (tuple[float, float, float], True), "crop_pct": (float, False), "pooling": (str, False),
-    "method": (Optional[str], False), "paper": (Optional[str], False), "format_version": (int, False),
-    "num_features": (int, False), "license": (Optional[str], False), "onnx": (dict, False),
+    "method": (str | None, False), "paper": (str | None, False), "format_version": (int, False),
+    "num_features": (int, False), "license": (str | None, False), "onnx": (dict, False),
     # written by Encoder.export for timm's loaders
     "architecture": (str, False), "num_classes": (int, False), "model_args": (dict, False),
     "pretrained_cfg": (dict, False),
 }
 BACKBONE_SCHEMA: dict[str, tuple[Any, bool]] = {
-    "name": (str, True), "image_size": (int, False), "stem": (str, False), "patch_size": (Optional[int], False),
+    "name": (str, True), "image_size": (int, False), "stem": (str, False), "patch_size": (int | None, False),
     "pooling": (str, False), "in_chans": (int, False), "registers": (int, False), "timm_kwargs": (dict, False),
-    "kind": (Optional[str], False), "norm": (str, False), "norm_groups": (int, False),
+    "kind": (str | None, False), "norm": (str, False), "norm_groups": (int, False),
     # Lab-input backbones (kind "lab" / "split_brain": colorization, split-brain, video colorization)
     "lab_channels": (str, False), "input_mean": (list, False), "input_std": (list, False),
 }
@@ -164,7 +165,7 @@ class Encoder:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def random_init(cls, backbone: str, image_size: int = 224, seed: int = 0, **kwargs: Any) -> "Encoder":
+    def random_init(cls, backbone: str, image_size: int = 224, seed: int = 0, **kwargs: Any) -> Encoder:
         """The same architecture at random initialisation (the usual floor for comparisons)."""
         torch.manual_seed(seed)
         bkw = {k: kwargs.pop(k) for k in ("stem", "patch_size", "pooling") if k in kwargs}
@@ -177,7 +178,7 @@ class Encoder:
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
                         device: str | torch.device | None = None, precision: str = "auto",
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                        allow_pickle: bool = False, image_size: int | None = None) -> "Encoder":
+                        allow_pickle: bool = False, image_size: int | None = None) -> Encoder:
         """Load from a run/exported folder, a ``.safetensors`` file, or a hub id
         (``"org/name"``, optionally at ``revision``; downloaded through huggingface-hub).
         ``image_size`` overrides the saved input resolution (see :attr:`image_size`).
@@ -434,14 +435,14 @@ class Encoder:
         return linear_probe(xtr, ytr, xte, yte, epochs=epochs)
 
     # -- downstream (sslfeatures.evaluate) ------------------------------------------------------
-    def fit_classifier(self, data: Any, head: str = "linear", **kw: Any) -> "Classifier":
+    def fit_classifier(self, data: Any, head: str = "linear", **kw: Any) -> Classifier:
         """A linear or MLP head on this frozen encoder's features, with early stopping and
         calibrated probabilities; see :meth:`sslfeatures.eval.classifier.Classifier.fit`."""
         from .eval.classifier import Classifier
 
         return Classifier.fit(self, data, head=head, **kw)
 
-    def finetune(self, data: Any, label_fraction: float = 1.0, **kw: Any) -> "FinetuneResult":
+    def finetune(self, data: Any, label_fraction: float = 1.0, **kw: Any) -> FinetuneResult:
         """End-to-end fine-tuning (MAE/BEiT recipe: layer-wise lr decay, drop path) on a
         class-balanced ``label_fraction`` of ``data``; see :func:`sslfeatures.eval.finetune.finetune`."""
         from .eval.finetune import finetune

@@ -54,7 +54,8 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class IndexParams:
     seed: int = 0
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> "IndexParams":
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> IndexParams:
         valid = {f.name: f for f in fields(cls)}
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
@@ -268,7 +269,7 @@ class Index:
     def build(cls, encoder: Any, data: str | os.PathLike | Sequence[str | os.PathLike], *,
               kind: str = "auto", metric: str = "cosine", batch_size: int = 64,
               progress: bool | None = None, target_recall: float | None = 0.95,
-              encoder_path: str | os.PathLike | None = None, strict: bool = False, **params: Any) -> "Index":
+              encoder_path: str | os.PathLike | None = None, strict: bool = False, **params: Any) -> Index:
         """Embed every image of ``data`` (a folder, searched recursively, or image paths) with
         ``encoder`` and index the embeddings.
 
@@ -278,8 +279,8 @@ class Index:
         cannot be inferred). ``kind``: ``"auto"``, ``"flat"``, ``"hnsw"`` or ``"ivfpq"``;
         ``params``: any :class:`IndexParams` field. Unreadable images are skipped, each
         with one warning line, and summarised at the end (``strict=True``: the first one
-        raises :class:`~sslfeatures.data.DecodeError` instead). ``target_recall`` tunes the search parameters of approximate kinds
-        (``None``: keep the given ones).
+        raises :class:`~sslfeatures.data.DecodeError` instead). ``target_recall`` tunes the search
+        parameters of approximate kinds (``None``: keep the given ones).
         """
         IndexParams.from_kwargs(params)  # fail on a bad parameter before the (long) embedding
         if kind != "auto" and kind not in KINDS:
@@ -295,7 +296,7 @@ class Index:
     @classmethod
     def from_vectors(cls, vectors: Any, paths: Sequence[str | os.PathLike], *, kind: str = "auto",
                      metric: str = "cosine", target_recall: float | None = 0.95, encoder: Any = None,
-                     encoder_path: str | os.PathLike | None = None, **params: Any) -> "Index":
+                     encoder_path: str | os.PathLike | None = None, **params: Any) -> Index:
         """Index precomputed embeddings ``(N, D)``; ``paths[i]`` names row ``i`` (image paths are
         stored as absolute paths; any other string is kept as given)."""
         x = _as_matrix(vectors)
@@ -922,7 +923,7 @@ class Index:
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: Any = None, *, load_encoder: bool = True,
-             check_encoder: bool = True) -> "Index":
+             check_encoder: bool = True) -> Index:
         """Read an index written by :meth:`save`.
 
         ``encoder``: an encoder object (or a path/hub id to load one from) for image queries;

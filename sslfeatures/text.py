@@ -29,7 +29,8 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ class MiniLMText(nn.Module):
             self.model.requires_grad_(False)
             self.model.eval()
 
-    def train(self, mode: bool = True) -> "MiniLMText":
+    def train(self, mode: bool = True) -> MiniLMText:
         super().train(mode)
         if not self.trainable:
             self.model.eval()
@@ -235,7 +236,7 @@ class TextEncoder:
 
     @classmethod
     def from_modules(cls, tower: TextTower, image_proj: nn.Linear, logit_scale: float,
-                     **kw: Any) -> "TextEncoder":
+                     **kw: Any) -> TextEncoder:
         """A frozen copy of a training run's modules (the originals are left untouched)."""
         return cls(copy.deepcopy(tower).cpu(), copy.deepcopy(image_proj).cpu(), logit_scale, **kw)
 
@@ -262,7 +263,7 @@ class TextEncoder:
         return folder
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "TextEncoder":
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> TextEncoder:
         """Load from a CLIP run folder (its ``text_encoder/``) or the text folder itself."""
         from safetensors.torch import load_file
 

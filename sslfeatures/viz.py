@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -476,7 +477,8 @@ def add_viz_commands(sub: Any) -> None:
                         ("neighbors", "nearest-neighbour grid: random queries of a folder and their neighbours")):
         q = vsub.add_parser(kind, help=help_)
         if kind == "recon":
-            q.add_argument("--run", required=True, help="run folder of the mae method (train_config.json + checkpoints/)")
+            q.add_argument("--run", required=True,
+                           help="run folder of the mae method (train_config.json + checkpoints/)")
             q.add_argument("--mask-ratio", type=float, nargs="+", default=[0.5, 0.75, 0.9],
                            help="one picture row per mask ratio")
         else:

@@ -43,7 +43,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,7 +157,8 @@ class _PretrainedCLIP:
     @torch.no_grad()
     def image_embeddings(self, images: Any, batch_size: int) -> np.ndarray:
         pils = _as_pils(images)
-        out = [F.normalize(self.image_features(self.pixel_values(pils[i:i + batch_size]).to(self.device)).float(), dim=-1)
+        out = [F.normalize(self.image_features(self.pixel_values(pils[i:i + batch_size]).to(self.device)).float(),
+                           dim=-1)
                for i in range(0, len(pils), batch_size)]
         return torch.cat(out).cpu().numpy()
 
@@ -184,7 +186,7 @@ class _HFBackend(_PretrainedCLIP):
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, device: Any = None, local_files_only: bool | None = None
-             ) -> "_HFBackend":
+             ) -> _HFBackend:
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as e:  # pragma: no cover - transformers comes with the text extra
@@ -249,11 +251,12 @@ class _OpenCLIPBackend(_PretrainedCLIP):
         try:
             import open_clip
         except ImportError as e:
-            raise ImportError(f"open_clip models need the open_clip package: pip install open_clip_torch ({e})") from None
+            raise ImportError(f"open_clip models need the open_clip package: "
+                              f"pip install open_clip_torch ({e})") from None
         return open_clip
 
     @classmethod
-    def load(cls, spec: str | os.PathLike, device: Any = None) -> "_OpenCLIPBackend":
+    def load(cls, spec: str | os.PathLike, device: Any = None) -> _OpenCLIPBackend:
         """``spec``: ``"MODEL/PRETRAINED_TAG_OR_FILE"``, ``"hf-hub:org/name"`` or a folder
         holding ``open_clip_config.json`` + weights (``*.safetensors``; ``.bin``/``.pth``
         files are read by open_clip with ``torch.load(weights_only=True)``). A model without
@@ -412,7 +415,8 @@ class ZeroShotProbe:
     (a trained CLIP) or :meth:`from_pretrained` (a saved probe).
     """
 
-    def __init__(self, backend: Any, config: dict[str, Any] | None = None, history: list[dict[str, float]] | None = None):
+    def __init__(self, backend: Any, config: dict[str, Any] | None = None,
+                 history: list[dict[str, float]] | None = None):
         self.backend = backend
         self.config = dict(config or {})
         self.history = list(history or [])
@@ -442,7 +446,7 @@ class ZeroShotProbe:
             max_logit_scale: float = 100.0, features: np.ndarray | None = None, text_width: int = 256,
             text_layers: int = 4, text_heads: int = 4, context_length: int = 77, seed: int = 0,
             lock_text_projection: bool = False, device: str | torch.device | None = None,
-            progress: bool = False) -> "ZeroShotProbe":
+            progress: bool = False) -> ZeroShotProbe:
         """LiT (Zhai et al. 2022): align text with the frozen image encoder ``enc``.
 
         ``pairs``: a CSV/TSV of (path, caption) rows, a folder of images with same-named
@@ -477,7 +481,8 @@ class ZeroShotProbe:
             raise ValueError(f"init_temperature must be > 0 with 1/init_temperature <= max_logit_scale "
                              f"({max_logit_scale}), got {init_temperature}")
         if not hasattr(enc, "embed") or not hasattr(enc, "num_features"):
-            raise TypeError(f"enc must be an sslfeatures Encoder (Encoder.from_pretrained(run)), got {type(enc).__name__}")
+            raise TypeError(f"enc must be an sslfeatures Encoder (Encoder.from_pretrained(run)), "
+                            f"got {type(enc).__name__}")
         src = pairs if isinstance(pairs, ImageTextPairs) else ImageTextPairs(pairs, size=enc.image_size)
         t0 = time.perf_counter()
         if features is None:
@@ -526,7 +531,8 @@ class ZeroShotProbe:
         params = [{"params": list(image_proj.parameters()) + trained_proj + [logit_scale], "lr": lr}]
         if not frozen_body:
             params.append({"params": [p for p in tower.body.parameters() if p.requires_grad],
-                           "lr": text_lr if text_lr is not None else (lr / 100 if tower.config["type"] == "minilm" else lr)})
+                           "lr": (text_lr if text_lr is not None
+                                  else (lr / 100 if tower.config["type"] == "minilm" else lr))})
         opt = torch.optim.AdamW(params, weight_decay=weight_decay)
         x_all = torch.from_numpy(feats).to(dev)
         n = len(src)
@@ -562,7 +568,8 @@ class ZeroShotProbe:
                     logit_scale.clamp_(0, math.log(max_logit_scale))
                 losses.append(float(loss.detach()))
                 step += 1
-            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "logit_scale": float(logit_scale.detach().exp())})
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)),
+                            "logit_scale": float(logit_scale.detach().exp())})
             if progress:
                 log.info("LiT epoch %d: loss %.4f, logit scale %.1f", epoch, history[-1]["loss"],
                          history[-1]["logit_scale"])
@@ -583,7 +590,7 @@ class ZeroShotProbe:
     # -- loading a trained CLIP ------------------------------------------------------------------------
     @classmethod
     def from_clip(cls, source: str | os.PathLike, device: str | torch.device | None = None,
-                  local_files_only: bool | None = None) -> "ZeroShotProbe":
+                  local_files_only: bool | None = None) -> ZeroShotProbe:
         """A probe from a trained CLIP model:
 
         - an sslfeatures run folder of the ``clip`` method (or a saved probe): the image
@@ -619,7 +626,8 @@ class ZeroShotProbe:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
             if cfg.get("model_type") == "clip" or "vision_config" in cfg:
-                return cls(_HFBackend.load(path, device, local_files_only), {"backend": "transformers", "source": str(path)})
+                return cls(_HFBackend.load(path, device, local_files_only),
+                           {"backend": "transformers", "source": str(path)})
             if (path / "config.json").exists() and "backbone" in cfg:
                 raise ValueError(f"{path} holds an image encoder without a text side ({TEXT_FOLDER}/ is missing): "
                                  "it is not a CLIP run; align text with it with ZeroShotProbe.fit(enc, pairs=...)")
@@ -661,7 +669,7 @@ class ZeroShotProbe:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> "ZeroShotProbe":
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> ZeroShotProbe:
         """Load a probe written by :meth:`save_pretrained` (or an sslfeatures CLIP run folder)."""
         from .encoder import Encoder
 

@@ -24,7 +24,7 @@ def test_modes_decode_to_rgb(tmp_path, photos):
     rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 0, np.uint8)], -1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")  # fully transparent -> white
     Image.fromarray(img).convert("P").save(tmp_path / "pal.gif")
-    Image.fromarray((img[..., 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")  # 16-bit
+    Image.fromarray(img[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit
     Image.fromarray(img).convert("L").save(tmp_path / "gray.bmp")
     Image.fromarray(img).convert("CMYK").save(tmp_path / "cmyk.jpg")
     Image.fromarray(img).save(tmp_path / "x.webp")

@@ -26,7 +26,8 @@ def test_round_trip_is_bit_exact(encoder, tmp_path, tiny_images):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert np.array_equal(encoder.embed(tiny_images), back.embed(tiny_images))
     files = encoder.export(tmp_path / "x", formats=["safetensors"])
-    assert files["safetensors"].exists() and json.loads((tmp_path / "x" / "config.json").read_text())["image_size"] == 32
+    assert files["safetensors"].exists()
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["image_size"] == 32
     with pytest.raises(ValueError, match="unknown export format"):
         encoder.export(tmp_path / "y", formats=["tflite"])
 

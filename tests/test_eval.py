@@ -33,7 +33,8 @@ def test_knn_weighting_matches_a_hand_count():
 
 def test_encoder_evaluations_on_labelled_folders(labelled_images):
     train, test = labelled_images
-    enc = Encoder.random_init("resnet18", image_size=32, stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 128]})
+    enc = Encoder.random_init("resnet18", image_size=32, stem="small_s2",
+                              backbone_kwargs={"channels": [16, 32, 64, 128]})
     res = enc.evaluate_knn(train, test)
     assert 0.0 <= res["top1"] <= 1.0 and res["k"] == 20
     assert 0.0 <= enc.evaluate_linear(train, test, epochs=5)["top1"] <= 1.0

@@ -84,7 +84,7 @@ def _odd_images(root: Path, photos: list[np.ndarray]) -> Path:
     rgba.putalpha(Image.fromarray((np.arange(a.shape[1])[None, :] % 256).repeat(a.shape[0], 0).astype(np.uint8)))
     rgba.save(root / "alpha.png")
     Image.fromarray(b).convert("P", palette=Image.ADAPTIVE).save(root / "palette.gif")
-    Image.fromarray((np.asarray(Image.fromarray(a).convert("L"), np.uint16) * 257)).save(root / "sixteen.png")
+    Image.fromarray(np.asarray(Image.fromarray(a).convert("L"), np.uint16) * 257).save(root / "sixteen.png")
     Image.fromarray(a).convert("CMYK").save(root / "cmyk.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees

@@ -67,7 +67,8 @@ def video_folder(tmp_path_factory, photos):
 
     root = tmp_path_factory.mktemp("videos")
     for v, (img, (y0, x0)) in enumerate([(photos[0], (40, 40)), (photos[1], (20, 60))]):
-        frames = [np.ascontiguousarray(img[y0 + 3 * t: y0 + 3 * t + 64, x0 + 4 * t: x0 + 4 * t + 64]) for t in range(14)]
+        frames = [np.ascontiguousarray(img[y0 + 3 * t: y0 + 3 * t + 64, x0 + 4 * t: x0 + 4 * t + 64])
+                  for t in range(14)]
         write_video(root / f"clip{v}.mp4", frames, fps=10)
     return root
 
@@ -157,7 +158,8 @@ def test_patch_location_labels_match_positions():
     size = 96
     yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
-    coords = torch.stack([yy, xx, torch.zeros_like(yy)]).expand(6, -1, -1, -1).contiguous()  # pixels know where they are
+    # pixels know where they are
+    coords = torch.stack([yy, xx, torch.zeros_like(yy)]).expand(6, -1, -1, -1).contiguous()
     patch, cell, jitter = patch_geometry(size, 0.5, 0.1)
     assert jitter > 0 and cell > patch
     torch.manual_seed(0)
@@ -284,7 +286,8 @@ def test_lab_trunks_come_out_as_encoders(name, tiny_images, tmp_path):
         with torch.no_grad():
             assert torch.allclose(enc.backbone(x), torch.cat([l_trunk(x), ab_trunk(x)], 1), atol=1e-5)
             inter = enc.backbone.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
-            assert inter.shape[1] == 2 * l_trunk.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape[1]
+            l_inter = l_trunk.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+            assert inter.shape[1] == 2 * l_inter.shape[1]
     else:  # the trunk sees lightness only: a hue change that keeps L changes nothing
         assert enc.backbone.model.conv1.in_channels == 1
     enc.export(tmp_path / "exported")

@@ -94,7 +94,8 @@ def create_app(index: Index, k: int = 10, max_upload_mb: float = 20.0) -> FastAP
                 "encoder": index.encoder_path, "default_k": default_k, "max_k": MAX_K}
 
     @app.post("/api/search")
-    async def search(file: UploadFile = File(...), k: int = Form(default_k)) -> dict[str, Any]:
+    async def search(file: UploadFile = File(...),  # noqa: B008 - FastAPI's dependency-injection idiom
+                     k: int = Form(default_k)) -> dict[str, Any]:
         if not 1 <= k <= MAX_K:
             raise HTTPException(422, f"k must be between 1 and {MAX_K}, got {k}")
         data = await file.read(int(max_upload_mb * 2**20) + 1)

@@ -17,7 +17,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -220,8 +220,8 @@ def crop_tiles(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: i
     return out.view(b, c, t, size, size).transpose(1, 2)
 
 
-def grid_positions(batch: int, image_size: int, grid: int, cell: int, tile: int,
-                   jitter: int | None = None, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_positions(batch: int, image_size: int, grid: int, cell: int, tile: int, jitter: int | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-left corners ``(B, grid*grid)`` of tiles on a ``grid`` x ``grid`` layout.
 
     The grid (``grid * cell`` pixels a side) is placed at a random offset inside the
@@ -450,6 +450,6 @@ class ClipViews:
 
 __all__ = ["rgb_to_lab", "lab_to_rgb", "denormalize", "lab_network_input", "ab_gamut_bins", "hard_ab_bins",
            "soft_encode_ab", "smooth_prior", "rebalance_weights", "annealed_mean", "quantize_uniform",
-           "crop_tiles", "grid_positions", "resize_tiles_for_trunk", "normalize_tiles", "permute_tiles", "inverse_permutation",
-           "maximal_hamming_permutations", "save_permutations", "load_permutations", "four_rotations",
-           "project_out_green_magenta", "color_drop", "kmeans", "ClipViews"]
+           "crop_tiles", "grid_positions", "resize_tiles_for_trunk", "normalize_tiles", "permute_tiles",
+           "inverse_permutation", "maximal_hamming_permutations", "save_permutations", "load_permutations",
+           "four_rotations", "project_out_green_magenta", "color_drop", "kmeans", "ClipViews"]

@@ -5,7 +5,8 @@ lists its specs and :func:`make_views` applies them to a ``uint8`` batch on the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class ViewSpec:
     count: int = 1
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ViewSpec:
         from ..config import ConfigError, from_dict
 
         if not isinstance(d, dict):
@@ -72,7 +73,7 @@ class Views:
     std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
-    def from_config(cls, specs: Sequence[dict | ViewSpec], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "Views":
+    def from_config(cls, specs: Sequence[dict | ViewSpec], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Views:
         return cls([s if isinstance(s, ViewSpec) else ViewSpec.from_dict(s) for s in specs],
                    tuple(mean), tuple(std))
 

@@ -14,7 +14,8 @@ keys are prefixed ``L.`` and ``ab.``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -56,7 +57,7 @@ class LabBackbone(Backbone):
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, lab_channels: str, input_mean: Sequence[float],
-                      input_std: Sequence[float]) -> "LabBackbone":
+                      input_std: Sequence[float]) -> LabBackbone:
         """The same architecture as ``backbone`` (name, size, stem, timm options), fed Lab."""
         cfg = dict(backbone.config)
         for k in ("in_chans", "kind", "lab_channels", "input_mean", "input_std"):
@@ -65,7 +66,7 @@ class LabBackbone(Backbone):
         return cls(**cfg, **timm_kwargs, lab_channels=lab_channels, input_mean=input_mean, input_std=input_std)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "LabBackbone":
+    def from_config(cls, cfg: dict[str, Any]) -> LabBackbone:
         cfg = dict(cfg)
         cfg.pop("kind", None)
         timm_kwargs = cfg.pop("timm_kwargs", {}) or {}
@@ -125,7 +126,7 @@ class SplitBrainBackbone(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, input_mean: Sequence[float],
-                      input_std: Sequence[float]) -> "SplitBrainBackbone":
+                      input_std: Sequence[float]) -> SplitBrainBackbone:
         cfg = dict(backbone.config)
         for k in ("in_chans", "kind", "lab_channels", "input_mean", "input_std"):
             cfg.pop(k, None)
@@ -133,7 +134,7 @@ class SplitBrainBackbone(nn.Module):
         return cls(**cfg, **timm_kwargs, input_mean=input_mean, input_std=input_std)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "SplitBrainBackbone":
+    def from_config(cls, cfg: dict[str, Any]) -> SplitBrainBackbone:
         cfg = dict(cfg)
         cfg.pop("kind", None)
         timm_kwargs = cfg.pop("timm_kwargs", {}) or {}

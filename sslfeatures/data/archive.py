@@ -65,7 +65,8 @@ def _check_link(member_name: str, link: str, archive: str | os.PathLike) -> None
                                  "(path traversal)")
 
 
-def _plan_tar(tf: tarfile.TarFile, archive: str | os.PathLike, max_bytes: int | None) -> list[tuple[tarfile.TarInfo, str]]:
+def _plan_tar(tf: tarfile.TarFile, archive: str | os.PathLike,
+              max_bytes: int | None) -> list[tuple[tarfile.TarInfo, str]]:
     plan, total = [], 0
     for m in tf.getmembers():
         name = safe_member_name(m.name, archive)
@@ -83,7 +84,8 @@ def _plan_tar(tf: tarfile.TarFile, archive: str | os.PathLike, max_bytes: int | 
     return plan
 
 
-def _plan_zip(zf: zipfile.ZipFile, archive: str | os.PathLike, max_bytes: int | None) -> list[tuple[zipfile.ZipInfo, str]]:
+def _plan_zip(zf: zipfile.ZipFile, archive: str | os.PathLike,
+              max_bytes: int | None) -> list[tuple[zipfile.ZipInfo, str]]:
     plan, total = [], 0
     for info in zf.infolist():
         name = safe_member_name(info.filename, archive)

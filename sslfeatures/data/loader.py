@@ -7,7 +7,7 @@ into memory and batches are index slices; larger ones stream through a multi-wor
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler

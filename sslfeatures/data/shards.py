@@ -23,7 +23,8 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from PIL import Image

@@ -141,7 +141,8 @@ def resolve_config(method: str, recipe: str | Path | None, overrides: dict[str, 
     if clash:
         raise ConfigError(f"method {method!r} reuses engine option names {sorted(clash)}; rename them")
     for k, v in overrides.items():
-        if v is None and k in train_keys and k not in ("lr", "patch_size", "weight_decay_end", "clip_grad", "num_workers"):
+        if v is None and k in train_keys and k not in ("lr", "patch_size", "weight_decay_end", "clip_grad",
+                                                        "num_workers"):
             continue
         if k in train_keys and k != "method_args":
             data[k] = v

@@ -1,7 +1,7 @@
 """Optimisers: SGD, AdamW and LARS, with no weight decay on biases and norm parameters."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn

@@ -267,7 +267,8 @@ class Pretrainer:
         if note and main:
             log.warning(note)
         make_groups = getattr(method, "param_groups", None)  # a method may scale a module's lr (a GAN's discriminator)
-        groups = make_groups(cfg.weight_decay) if make_groups else param_groups(method.trainable_modules(), cfg.weight_decay)
+        groups = (make_groups(cfg.weight_decay) if make_groups
+                  else param_groups(method.trainable_modules(), cfg.weight_decay))
         global_batch = cfg.batch_size * dist.world_size() * accum  # images per optimizer step
         peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
         optimizer = build_optimizer(cfg.optimizer, groups, peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
@@ -351,8 +352,9 @@ class Pretrainer:
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
                 if not bool(finite):
                     what = f"loss ({loss.item()})" if not torch.isfinite(loss) else "gradient"
-                    if cfg.on_nonfinite != "skip" or (len(skipped) >= MAX_CONSECUTIVE_SKIPS
-                                                      and skipped[-MAX_CONSECUTIVE_SKIPS] == step - MAX_CONSECUTIVE_SKIPS):
+                    if (cfg.on_nonfinite != "skip"
+                            or (len(skipped) >= MAX_CONSECUTIVE_SKIPS
+                                and skipped[-MAX_CONSECUTIVE_SKIPS] == step - MAX_CONSECUTIVE_SKIPS)):
                         if cfg.on_nonfinite == "skip":
                             what += f" for {MAX_CONSECUTIVE_SKIPS + 1} batches in a row"
                         raise NonFiniteLossError(_nonfinite_message(what, step, epoch, last_good, ckdir, lr, cfg))

@@ -26,7 +26,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,7 +266,7 @@ class Classifier:
             classes: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int = 200,
             patience: int = 20, lr: float | None = None, weight_decay: float | Sequence[float] = 1e-4,
             hidden_dim: int | None = None, batch_size: int = 256, calibrate: bool = True, seed: int = 0,
-            embed_batch_size: int = 128) -> "Classifier":
+            embed_batch_size: int = 128) -> Classifier:
         """Embed ``data`` once with the frozen ``encoder`` and train a head on the features.
 
         Parameters
@@ -289,7 +290,7 @@ class Classifier:
                      head: str = "linear", val_fraction: float = 0.1, epochs: int = 200, patience: int = 20,
                      lr: float | None = None, weight_decay: float | Sequence[float] = 1e-4,
                      hidden_dim: int | None = None, batch_size: int = 256, calibrate: bool = True,
-                     seed: int = 0) -> "Classifier":
+                     seed: int = 0) -> Classifier:
         """:meth:`fit` on features already computed by ``encoder`` (``(N, D)``, labels ``0..C-1``).
 
         ``encoder=None`` gives a head on features alone (e.g. raw pixels): it predicts from
@@ -410,7 +411,7 @@ class Classifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
-             precision: str = "auto") -> "Classifier":
+             precision: str = "auto") -> Classifier:
         """Load a folder written by :meth:`save`."""
         from safetensors.torch import load_file
 

@@ -24,7 +24,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class FewShotCurve:
                 "classes": list(self.classes), "n_test": self.n_test, "skipped": list(self.skipped)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FewShotCurve":
+    def from_dict(cls, d: Mapping[str, Any]) -> FewShotCurve:
         return cls(list(d["shots"]), np.asarray(d["accuracies"], dtype=np.float64), list(d["seeds"]),
                    d.get("classifier", "logistic"), list(d.get("classes", [])), int(d.get("n_test", 0)),
                    list(d.get("skipped", [])))

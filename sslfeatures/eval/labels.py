@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: Sequence[int]) -> "LabelledImages":
+    def subset(self, idx: Sequence[int]) -> LabelledImages:
         idx = np.asarray(idx, dtype=np.int64)
         return LabelledImages([self.images[i] for i in idx], self.labels[idx], list(self.classes), self.root)
 
@@ -163,7 +164,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0,
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
     y = np.asarray(labels, dtype=np.int64)
     keep, held = [], []
-    for c, perm in _class_permutations(y, seed + 7919).items():
+    for _c, perm in _class_permutations(y, seed + 7919).items():
         k = int(round(fraction * len(perm)))
         if fraction > 0:
             k = max(1, k)

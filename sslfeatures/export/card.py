@@ -129,8 +129,8 @@ def model_card(config: dict[str, Any], *, source_dir: str | Path | None = None, 
         lines += ["## Files", "", "| file | what |", "|---|---|"]
         what = {"safetensors": "PyTorch weights (timm state dict)", "onnx": "ONNX, float32",
                 "onnx_fp16": "ONNX, float16 weights/activations, float32 I/O",
-                "onnx_int8": "ONNX, int8 static quantization (QDQ), float32 I/O", "config": "architecture + preprocessing",
-                "report": "export checks (parity, k-NN)"}
+                "onnx_int8": "ONNX, int8 static quantization (QDQ), float32 I/O",
+                "config": "architecture + preprocessing", "report": "export checks (parity, k-NN)"}
         for key, path in files.items():
             lines.append(f"| `{Path(path).name}` | {what.get(key, key)} |")
         lines.append("")
@@ -152,7 +152,8 @@ def model_card(config: dict[str, Any], *, source_dir: str | Path | None = None, 
 
     where = repo_id or "path/to/exported"
     lines += ["## Usage", "", "```python", "from sslfeatures import Encoder", "",
-              f"enc = Encoder.from_pretrained({where!r})", "feats = enc.embed([\"a.jpg\", \"b.jpg\"])   # (2, D) float32"]
+              f"enc = Encoder.from_pretrained({where!r})",
+              "feats = enc.embed([\"a.jpg\", \"b.jpg\"])   # (2, D) float32"]
     if files.get("onnx"):
         if repo_id:
             lines += ["from sslfeatures.export import OrtEncoder",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("sslfeatures.export")
 

@@ -93,7 +93,8 @@ def compare(reference: np.ndarray, got: np.ndarray, variant: str = "fp32", outpu
         max_abs, rel, cos = float("inf"), float("inf"), np.zeros(1)
     return ParityReport(variant=variant, output=output, input_shape=[int(s) for s in input_shape],
                         max_abs_error=max_abs, max_rel_error=float(rel), min_cosine=float(cos.min()),
-                        mean_cosine=float(cos.mean()), tolerance=tolerance or DEFAULT_TOLERANCES.get(variant, DEFAULT_TOLERANCES["fp32"]))
+                        mean_cosine=float(cos.mean()),
+                        tolerance=tolerance or DEFAULT_TOLERANCES.get(variant, DEFAULT_TOLERANCES["fp32"]))
 
 
 def check_parity(reference: np.ndarray, got: np.ndarray, variant: str = "fp32", output: str = "embedding",

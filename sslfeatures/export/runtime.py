@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class OrtBackbone:
                              "Encoder.export(..., patch_tokens=True)")
         return torch.from_numpy(self._run(x, [TOKENS_NAME])[0]).float()
 
-    def eval(self) -> "OrtBackbone":
+    def eval(self) -> OrtBackbone:
         return self
 
     def parameters(self):
@@ -157,7 +158,7 @@ class OrtEncoder(Encoder):
                         device: str | torch.device | None = None, variant: str = "fp32",
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
                         providers: Sequence[str] | None = None, threads: int | None = None,
-                        **_: Any) -> "OrtEncoder":
+                        **_: Any) -> OrtEncoder:
         """Load an ``.onnx`` file (its ``config.json`` beside it), a folder holding one (the
         file of ``variant``: ``fp32`` -> ``model.onnx``, ``int8``, ``fp16``), or a hub id
         (only ``config.json`` and that file are downloaded, at ``revision``)."""
@@ -200,7 +201,8 @@ class OrtEncoder(Encoder):
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         self._not_torch("save_pretrained")
 
-    def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",), **kw: Any) -> dict[str, Path]:
+    def export(self, folder: str | os.PathLike, formats: Sequence[str] = ("safetensors",),
+               **kw: Any) -> dict[str, Path]:
         self._not_torch("export")
 
     def push_to_hub(self, repo_id: str, **kw: Any) -> Any:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..augment import Views
 from ..backbones import Backbone
 
-_REGISTRY: dict[str, type["Method"]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(name: str):
@@ -34,7 +34,7 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> type["Method"]:
+def get_method(name: str) -> type[Method]:
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(list_methods())}")

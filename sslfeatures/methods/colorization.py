@@ -77,7 +77,8 @@ class ABTargets(nn.Module):
         q = self.bins.shape[0]
         self.register_buffer("prior", torch.full((q,), 1.0 / q))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
-        self.neighbours, self.sigma, self.lam, self.prior_sigma, self.window = neighbours, sigma, lam, prior_sigma, window
+        self.neighbours, self.sigma, self.lam = neighbours, sigma, lam
+        self.prior_sigma, self.window = prior_sigma, window
 
     @property
     def num_bins(self) -> int:

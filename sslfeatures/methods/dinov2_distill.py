@@ -56,7 +56,8 @@ class DINOv2Distill(DINOv2):
             p.requires_grad_(False)
         # views are normalised with the run's mean/std; the teacher expects its own
         run_mean, run_std = torch.tensor(self.views.mean), torch.tensor(self.views.std)
-        t_mean, t_std = torch.tensor(enc.config["mean"], dtype=torch.float32), torch.tensor(enc.config["std"], dtype=torch.float32)
+        t_mean = torch.tensor(enc.config["mean"], dtype=torch.float32)
+        t_std = torch.tensor(enc.config["std"], dtype=torch.float32)
         self.register_buffer("teacher_scale", (run_std / t_std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("teacher_shift", ((run_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
         if cfg.mask_probability == 0:

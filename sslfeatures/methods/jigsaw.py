@@ -66,7 +66,8 @@ def resolve_permutations(cfg: JigsawConfig) -> torch.Tensor:
         if not path.is_absolute() and not path.exists():
             path = recipes_dir() / path
         if not path.exists():
-            raise FileNotFoundError(f"permutations_file {cfg.permutations_file!r} not found (also looked in {path.parent})")
+            raise FileNotFoundError(f"permutations_file {cfg.permutations_file!r} not found "
+                                    f"(also looked in {path.parent})")
         perms = load_permutations(path)
     else:
         path = permutations_path(cfg.num_permutations)

@@ -93,7 +93,8 @@ class VideoColorization(Method):
         super().__init__(trunk, cfg, ClipViews(views.specs[0], views.mean, views.std))
         d = trunk.num_features
         self.embed = nn.Identity() if cfg.embed_dim == 0 else nn.Sequential(
-            nn.Conv2d(d, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True), nn.Conv2d(256, cfg.embed_dim, 1))
+            nn.Conv2d(d, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, cfg.embed_dim, 1))
         self.register_buffer("centroids", torch.zeros(cfg.num_colors, 2))
         self.register_buffer("colors_ready", torch.zeros((), dtype=torch.bool))
 

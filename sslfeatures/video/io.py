@@ -14,7 +14,7 @@ import os
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -281,7 +281,7 @@ class VideoWriter:
             self._container.close()
             self._container = None
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, *exc) -> None:

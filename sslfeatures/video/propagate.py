@@ -26,7 +26,8 @@ soft arg-max around the peak.
 Any :class:`~sslfeatures.Encoder` works: ViTs use their last block's patch tokens (as
 DINO does); CNNs by default their deepest stage of stride <= 8 (``layer="auto"``; the
 last stage of an ImageNet CNN tracks poorly), and ``output_stride=8``/``16`` runs a CNN
-dilated for a finer grid with the same weights. So does any callable ``f(frames) -> features`` mapping ``(B, H, W, 3) uint8`` frames to
+dilated for a finer grid with the same weights. So does any callable ``f(frames) -> features``
+mapping ``(B, H, W, 3) uint8`` frames to
 ``(B, h, w, D)`` patch features (e.g. an ONNX-runtime encoder with patch outputs); its
 ``stride`` attribute, if any, tells the size the frames should be multiples of.
 """
@@ -39,7 +40,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +76,7 @@ class PropagationConfig:
     keypoint_sigma: float = 0.5
     """Std-dev, in patches, of a keypoint's initial heat map."""
 
-    def validate(self) -> "PropagationConfig":
+    def validate(self) -> PropagationConfig:
         def _int(name: str, lo: int) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -93,7 +95,7 @@ class PropagationConfig:
         return self
 
     @classmethod
-    def from_kwargs(cls, **kw: Any) -> "PropagationConfig":
+    def from_kwargs(cls, **kw: Any) -> PropagationConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kw) - names)
         if unknown:
@@ -368,7 +370,8 @@ class LabelPropagator:
         return out.T.reshape(-1, self.h, self.w)
 
 
-def _labels_to_grid(labels: np.ndarray, ids: Sequence[int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+def _labels_to_grid(labels: np.ndarray, ids: Sequence[int], grid: tuple[int, int],
+                    device: torch.device) -> torch.Tensor:
     """One-hot ``(C, h, w)`` of a label map, area-averaged onto the patch grid."""
     lab = torch.from_numpy(labels.astype(np.int64)).to(device)
     onehot = torch.stack([(lab == i).float() for i in ids])[None]

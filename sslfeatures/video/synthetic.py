@@ -11,7 +11,7 @@ J&F without a labelled video data set:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
