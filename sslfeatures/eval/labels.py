@@ -164,7 +164,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0,
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
     y = np.asarray(labels, dtype=np.int64)
     keep, held = [], []
-    for _c, perm in _class_permutations(y, seed + 7919).items():
+    for perm in _class_permutations(y, seed + 7919).values():
         k = int(round(fraction * len(perm)))
         if fraction > 0:
             k = max(1, k)

@@ -5,10 +5,10 @@ Contrastive Predictive Coding").
 Each view is cut into a ``grid_size`` x ``grid_size`` grid of overlapping patches (7 x 7
 with 50% overlap in the paper); every patch gets its own augmentation (horizontal flip and
 colour dropping, the paper's patch-based augmentation) and is encoded *separately* by the
-backbone into one vector ``z[i, j]``. An autoregressive
-context network summarises, for every location, the rows above and including its own:
-``"conv"`` is the paper's PixelCNN-style stack (1x1, 1x3 within the row, 2x1 over the
-previous and current row, 1x1, residual), ``"gru"`` runs a GRU down the rows. From the
+backbone into one vector ``z[i, j]``. An autoregressive context network summarises, for
+every location, the rows above and including its own: ``"conv"`` is the paper's
+PixelCNN-style stack (1x1, 1x3 within the row, 2x1 over the previous and current row, 1x1,
+residual), ``"gru"`` runs a GRU down the rows. From the
 context ``c[i, j]`` a linear map ``W_k`` per row offset ``k`` predicts the (projected)
 encoding of the patch ``k`` rows below, ``z[i + k, j]``, and the InfoNCE loss asks each
 prediction to pick its patch among all patches of the batch (other locations of the same

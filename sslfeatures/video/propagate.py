@@ -26,10 +26,10 @@ soft arg-max around the peak.
 Any :class:`~sslfeatures.Encoder` works: ViTs use their last block's patch tokens (as
 DINO does); CNNs by default their deepest stage of stride <= 8 (``layer="auto"``; the
 last stage of an ImageNet CNN tracks poorly), and ``output_stride=8``/``16`` runs a CNN
-dilated for a finer grid with the same weights. So does any callable ``f(frames) -> features``
-mapping ``(B, H, W, 3) uint8`` frames to
-``(B, h, w, D)`` patch features (e.g. an ONNX-runtime encoder with patch outputs); its
-``stride`` attribute, if any, tells the size the frames should be multiples of.
+dilated for a finer grid with the same weights. So does any callable
+``f(frames) -> features`` mapping ``(B, H, W, 3) uint8`` frames to ``(B, h, w, D)`` patch
+features (e.g. an ONNX-runtime encoder with patch outputs); its ``stride`` attribute, if
+any, tells the size the frames should be multiples of.
 """
 from __future__ import annotations
 
