@@ -108,9 +108,10 @@ SETTINGS: dict[str, dict] = {
                   views=[{"scale": [0.2, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}]),
     # Methods II (MoCo v1/v3, SimSiam, Barlow Twins, VICReg, W-MSE): heads narrowed to the 256-d backbone;
     # SimSiam's and W-MSE's lr picked from 50-step runs on the demo set (k-NN 0.53 -> 0.65, 0.56 -> 0.70)
-    "mocov1": dict(CNN, epochs=5, batch_size=128, lr=0.2, warmup_epochs=0.2, queue_size=16384, ema_momentum=0.99,
-                   views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.4], "jitter_p": 1.0, "blur_p": 0.0,
-                           "count": 2}]),
+    # MoCo v1: the 256-wide last stage, 7 epochs and SimCLR's jitter strength (the paper's is 0.4 on all four
+    # with p 1.0; no blur in either): 0.8497 k-NN against 0.826 for 5 quarter-width epochs with the paper's
+    "mocov1": dict(CNN_W256, epochs=7, batch_size=128, lr=0.2, warmup_epochs=0.2, queue_size=16384, ema_momentum=0.99,
+                   views=[{"scale": [0.2, 1.0], "jitter": [0.8, 0.8, 0.8, 0.2], "blur_p": 0.0, "count": 2}]),
     "mocov3": dict(CNN, epochs=3, batch_size=128, optimizer="lars", lr=1.0, weight_decay=1.5e-6, warmup_epochs=0.2,
                    temperature=1.0, proj_layers=2, pred_last_bn=False, proj_hidden_dim=1024, pred_hidden_dim=1024,
                    momentum_start=0.99,  # the paper's ResNet recipe (ViT: use VIT, adamw, temperature 0.2)
