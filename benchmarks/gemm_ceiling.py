@@ -16,19 +16,17 @@ import argparse
 import platform
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from sslfeatures.utils import cpu_flags
 
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide int8 and bf16 GEMM speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in info.read_text().splitlines() if ln.startswith("flags")), [])
-    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return [f for f in keep if f in flags]
+
+def gemm_flags() -> list[str]:
+    """The SIMD flags that decide int8 and bf16 GEMM speed, of those this CPU has."""
+    have = cpu_flags()
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+            if f in have]
 
 
 def rate(fn, flops: float, seconds: float) -> float:
@@ -61,7 +59,7 @@ def main() -> None:
                                   opset_imports=[helper.make_opsetid("", 17)])
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    print(f"CPU: {platform.processor() or platform.machine()}, flags: {' '.join(cpu_flags()) or 'unknown'}; "
+    print(f"CPU: {platform.processor() or platform.machine()}, flags: {' '.join(gemm_flags()) or 'unknown'}; "
           f"{args.threads} threads, onnxruntime {ort.__version__}, torch {torch.__version__}")
     print("| GEMM (M x K x N) | torch fp32 GFLOP/s | ORT fp32 GFLOP/s | ORT int8 GOP/s | int8 / ORT fp32 "
           "| int8 / torch fp32 |")

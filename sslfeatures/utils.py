@@ -30,17 +30,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matmul units (AVX512-BF16 or AMX)."""
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags from Linux's /proc/cpuinfo (empty elsewhere or when unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bf16 matmul units (AVX512-BF16 or AMX)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
