@@ -59,6 +59,31 @@ def test_lars_descends_and_skips_norm_params():
     assert [g["lars_exclude"] for g in opt.param_groups] == [False, True]
 
 
+def test_lars_multi_tensor_step_equals_the_per_parameter_rule():
+    """The foreach path of LARS.step makes the same update as the one-parameter reference
+    (trust ratio, weight decay, momentum, excluded groups, a zero weight and a missing grad)."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net[2].weight.data.zero_()[0, 0] = 0.5  # one layer far from the others' norms
+        net[2].bias.requires_grad_(False)       # no grad: skipped, as in the per-parameter loop
+    fast, ref = (LARS(param_groups(n, 1e-2), lr=0.5, momentum=0.9) for n in nets)
+    x = torch.randn(32, 8)
+    for _ in range(4):
+        for net, opt in zip(nets, (fast, ref)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+        fast.step()
+        for group in ref.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    ref._update(p, group)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_ema_update_rule():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     ema = EMA(a)

@@ -182,13 +182,40 @@ class ArrayImages(ImageSource):
     """In-memory images: a list of PIL images / arrays / tensors, or one (N,H,W[,C]) array."""
 
     def __init__(self, images: Any, size: int = 224, crop_pct: float = 1.0):
+        self._stacked: Any = None  # the (N,...) array as given, for the whole-array fast path
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4 or \
                 isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] not in (3, 4):
+            self._stacked = images
             images = list(images)
         self.images = list(images)
         if not self.images:
             raise ValueError("no images given")
         self.size, self.crop_pct = size, crop_pct
+
+    def as_batch(self) -> torch.Tensor | None:
+        """All images as one ``uint8`` tensor (N,3,S,S) without a per-image pass, where that
+        gives exactly what :meth:`__getitem__` gives: one ``uint8`` array or tensor of gray
+        (N,S,S[,1]) or RGB (N,S,S,3) / tensor (N,3,S,S) images already at the source's size
+        (nothing to resize or crop). Otherwise ``None``: decode image by image."""
+        x = self._stacked
+        if x is None or int(round(self.size / self.crop_pct)) != self.size:
+            return None
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu()
+            if t.dtype != torch.uint8:
+                return None
+            t = t.numpy()
+            if t.shape[1] not in (1, 3, 4):  # items are HWC (see to_uint8_image)
+                t = t.transpose(0, 3, 1, 2)
+        else:
+            if x.dtype != np.uint8:
+                return None
+            t = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N,H,W) gray or (N,H,W,C)
+        if t.shape[1] not in (1, 3) or t.shape[2:] != (self.size, self.size):  # RGBA is composited per image
+            return None
+        out = torch.empty((len(t), 3, self.size, self.size), dtype=torch.uint8)
+        out.numpy()[...] = t  # a copy: gray broadcasts to the three channels, as PIL's L -> RGB
+        return out
 
     def __len__(self) -> int:
         return len(self.images)
@@ -238,6 +265,9 @@ def load_into_memory(source: ImageSource, report: BadFileReport | None = None,
     """Decode a whole source into one ``uint8`` tensor (N,3,S,S); returns it and kept indices."""
     from tqdm.auto import tqdm
 
+    whole = getattr(source, "as_batch", lambda: None)()
+    if whole is not None:  # one array already at the right size: no per-image decoding to do
+        return whole, torch.arange(len(whole))
     out = torch.empty((len(source), 3, source.size, source.size), dtype=torch.uint8)
     keep = torch.zeros(len(source), dtype=torch.bool)
     bar = tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False)

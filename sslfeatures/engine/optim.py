@@ -24,22 +24,52 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["lars_exclude"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    wn, gn = torch.norm(p), torch.norm(g)
-                    trust = torch.where((wn > 0) & (gn > 0), group["eta"] * wn / gn, torch.ones_like(wn))
-                    g = g * trust
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(hasattr(p, "placements") for p in params):  # DTensors (FSDP): one parameter at a time
+                for p in params:
+                    self._update(p, group)
+                continue
+            # the same update as _update for all parameters at once: a few multi-tensor kernels instead of
+            # ~8 per parameter (on a GPU the per-parameter launches took ~9 ms of a 15 ms ResNet-18 step)
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                wn = torch.stack(torch._foreach_norm(params))
+                gn = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((wn > 0) & (gn > 0), group["eta"] * wn / gn, torch.ones_like(wn))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs, new_bufs, new_grads = [], [], []
+            for p, g in zip(params, grads):
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+                    self.state[p]["momentum_buffer"] = torch.clone(g).detach()
                 else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                    new_bufs.append(buf)
+                    new_grads.append(g)
+                bufs.append(self.state[p]["momentum_buffer"])
+            if new_bufs:
+                torch._foreach_mul_(new_bufs, group["momentum"])
+                torch._foreach_add_(new_bufs, new_grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
+
+    @torch.no_grad()
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        """One parameter's LARS step (the reference form of the multi-tensor path in :meth:`step`)."""
+        g = p.grad
+        if not group["lars_exclude"]:
+            g = g.add(p, alpha=group["weight_decay"])
+            wn, gn = torch.norm(p), torch.norm(g)
+            trust = torch.where((wn > 0) & (gn > 0), group["eta"] * wn / gn, torch.ones_like(wn))
+            g = g * trust
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+        else:
+            buf.mul_(group["momentum"]).add_(g)
+        p.add_(buf, alpha=-group["lr"])
 
 
 def param_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:
