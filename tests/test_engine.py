@@ -34,6 +34,34 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_images, tmp_
         assert torch.equal(ca[k], cb[k]), k
 
 
+def test_callbacks_see_every_step_and_can_stop_the_run_resumably(tiny_images, tmp_path):
+    """``fit(callbacks=...)``: called after each optimizer step with (step, method), the method back
+    in train mode after an evaluating callback; ``True`` stops the run, saved so that resuming it
+    ends where an uninterrupted run does."""
+    seen, modes = [], []
+
+    def evaluate(step, method):
+        modes.append(method.training)
+        seen.append(step)
+        method.eval()  # as an evaluating callback leaves it
+        with torch.no_grad():
+            feats = method.encoder_backbone()(torch.zeros(2, 3, 32, 32))
+        assert feats.shape[0] == 2
+        return step == 3
+
+    full = Pretrainer("simclr", **BASE).fit(tiny_images, output_dir=tmp_path / "full")
+    part = Pretrainer("simclr", **BASE).fit(tiny_images, output_dir=tmp_path / "part", callbacks=[evaluate])
+    assert seen == [1, 2, 3] and all(modes) and part.steps == 3
+    assert json.loads((tmp_path / "part" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    resumed = Pretrainer("simclr", **BASE).fit(tiny_images, output_dir=tmp_path / "part", resume=True,
+                                               callbacks=[lambda step, m: seen.append(step)])
+    assert resumed.steps == full.steps == 6 and seen[3:] == [4, 5, 6]
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_broken_files_train_and_are_reported(tiny_images, tmp_path):
     import shutil
 

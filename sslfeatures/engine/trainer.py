@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -162,7 +163,8 @@ class Pretrainer:
 
     # -- training ---------------------------------------------------------------------
     def fit(self, data: Any, output_dir: str | os.PathLike | None = None, resume: bool = False,
-            overwrite: bool = False, max_steps: int | None = None) -> Run:
+            overwrite: bool = False, max_steps: int | None = None,
+            callbacks: Sequence[Callable[[int, torch.nn.Module], Any]] = ()) -> Run:
         """Train on ``data`` (an image folder, WebDataset tar shards -- ``"shards/train-{000000..000009}.tar"``
         or a folder of ``.tar`` files, see :mod:`sslfeatures.data.shards` -- or a list/array of
         images) and save the encoder.
@@ -171,13 +173,20 @@ class Pretrainer:
         uninterrupted run exactly (same seed, same batches, same augmentations).
         ``max_steps`` stops early (the schedules still span the full run), e.g. for tests.
 
+        ``callbacks`` are called after every optimizer step as ``callback(step, method)``
+        (``step`` counts from 1; ``method`` is the training module, whose
+        ``encoder_backbone()`` is the encoder being trained), on every process under
+        ``torchrun``. One may evaluate (under ``torch.no_grad()``: the method is put back in
+        train mode afterwards) or log; returning ``True`` ends the run after this step, saved
+        as a run stopped by ``max_steps`` is (under ``torchrun``: the same answer on every process).
+
         Under ``torchrun`` every process calls ``fit`` with the same arguments (see the
         README's "Scaling out"); if another process dies or stops answering, this one raises
         :class:`~sslfeatures.engine.distributed.PeerLostError` naming the checkpoint to
         resume from, instead of waiting forever.
         """
         try:
-            return self._fit(data, output_dir, resume, overwrite, max_steps)
+            return self._fit(data, output_dir, resume, overwrite, max_steps, callbacks)
         except Exception as exc:
             if not (dist.is_distributed() and dist.world_size() > 1 and dist.is_comm_failure(exc)):
                 raise
@@ -194,7 +203,7 @@ class Pretrainer:
             raise dist.PeerLostError(msg) from exc
 
     def _fit(self, data: Any, output_dir: str | os.PathLike | None, resume: bool, overwrite: bool,
-             max_steps: int | None) -> Run:
+             max_steps: int | None, callbacks: Sequence[Callable[[int, torch.nn.Module], Any]] = ()) -> Run:
         cfg = self.cfg
         accum = int(cfg.accumulate_steps)
         if accum < 1:
@@ -369,6 +378,11 @@ class Pretrainer:
                     method.after_optimizer_step(info)
                 step += 1
                 bar.update(1)
+                if callbacks:
+                    stop = [bool(cb(step, method)) for cb in callbacks]  # every callback runs, each step
+                    model.train()
+                    if any(stop):
+                        stop_at = step
                 if step % cfg.log_every == 0 or step == stop_at:
                     now = time.perf_counter()
                     ips = (step - last_log_step) * global_batch / max(now - last_log_t, 1e-9)
