@@ -112,11 +112,11 @@ SETTINGS: dict[str, dict] = {
     # with p 1.0; no blur in either): 0.8497 k-NN against 0.826 for 5 quarter-width epochs with the paper's
     "mocov1": dict(CNN_W256, epochs=7, batch_size=128, lr=0.2, warmup_epochs=0.2, queue_size=16384, ema_momentum=0.99,
                    views=[{"scale": [0.2, 1.0], "jitter": [0.8, 0.8, 0.8, 0.2], "blur_p": 0.0, "count": 2}]),
-    "mocov3": dict(CNN, epochs=3, batch_size=128, optimizer="lars", lr=1.0, weight_decay=1.5e-6, warmup_epochs=0.2,
-                   temperature=1.0, proj_layers=2, pred_last_bn=False, proj_hidden_dim=1024, pred_hidden_dim=1024,
-                   momentum_start=0.99,  # the paper's ResNet recipe (ViT: use VIT, adamw, temperature 0.2)
-                   views=[{"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 1.0},
-                          {"scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "blur_p": 0.1, "solarize_p": 0.2}]),
+    # MoCo v3: the paper's ResNet recipe (ViT: use VIT, adamw, temperature 0.2) with the 256-wide last stage, 4 epochs
+    # and SimCLR's jitter strength in its two asymmetric views: 0.8645 k-NN against 0.8450 with the paper's jitter
+    "mocov3": dict(CNN_W256, epochs=4, batch_size=128, optimizer="lars", lr=1.0, weight_decay=1.5e-6,
+                   warmup_epochs=0.2, temperature=1.0, proj_layers=2, pred_last_bn=False, proj_hidden_dim=1024,
+                   pred_hidden_dim=1024, momentum_start=0.99, views=STRONG_JITTER_PAIR),
     # SimSiam: the 256-wide last stage, 4 epochs and SimCLR's jitter strength in its two symmetric views (+2.1 k-NN
     # points over 3 quarter-width epochs with the paper's (0.4, 0.4, 0.4, 0.1); the width alone lost 0.6)
     "simsiam": dict(CNN_W256, epochs=4, batch_size=128, lr=0.6, warmup_epochs=0.2, proj_hidden_dim=1024,
