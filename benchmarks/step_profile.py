@@ -18,10 +18,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_demo_data import load_split  # noqa: E402
 
 from sslfeatures import Pretrainer  # noqa: E402
 from sslfeatures.methods.base import StepInfo  # noqa: E402
+from vs_lightly import TTA_BATCH, TTA_SIZE, tta_simclr_kwargs  # noqa: E402
 
 
 def main() -> None:
@@ -33,10 +35,7 @@ def main() -> None:
     dev = args.device
     n1, n2, reps, prof_steps = (3, 5, 3, 4) if args.short else (40, 160, 50, 30)
     xtr, _ = load_split(Path(args.fmnist), "train")
-    kw = dict(backbone="resnet18", image_size=28, batch_size=128, epochs=10, lr=1.0, warmup_epochs=0.2,
-              temperature=0.5, views=[{"scale": [0.2, 1.0], "count": 2}],
-              backbone_kwargs={"channels": [16, 32, 64, 128]}, stem="small_s2", progress=False,
-              mean=[0.5] * 3, std=[0.5] * 3, num_workers=0, device=dev, checkpoint_every=10**9)
+    kw = dict(tta_simclr_kwargs(dev, "auto", epochs=10), checkpoint_every=10**9)
 
     def sync():
         if dev.startswith("cuda"):
@@ -46,7 +45,7 @@ def main() -> None:
         res = {}
         for n in (n1, n2):
             t = time.perf_counter()
-            r = Pretrainer("simclr", **kw, **extra).fit(xtr, output_dir=f"/tmp/step_profile_{n}", overwrite=True,
+            r = Pretrainer("simclr", **{**kw, **extra}).fit(xtr, output_dir=f"/tmp/step_profile_{n}", overwrite=True,
                                                         max_steps=n)
             res[n] = (time.perf_counter() - t, r.seconds)
         per = (res[n2][1] - res[n1][1]) / (n2 - n1)
@@ -54,7 +53,7 @@ def main() -> None:
               f"{res[n1][0] - res[n1][1]:.2f} s; per step {per * 1e3:.1f} ms", flush=True)
 
     m = Pretrainer("simclr", **kw).build().to(dev).to(memory_format=torch.channels_last)
-    x = torch.from_numpy(xtr[:128].copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous().to(dev)
+    x = torch.from_numpy(xtr[:TTA_BATCH].copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous().to(dev)
 
     def bench(fn) -> float:
         for _ in range(5):
@@ -66,8 +65,8 @@ def main() -> None:
         sync()
         return (time.perf_counter() - t) / reps * 1e3
 
-    print(f"augmentation alone (2 views, batch 128): {bench(lambda: m.views(x, 28)):.2f} ms", flush=True)
-    views = [v.contiguous(memory_format=torch.channels_last) for v in m.views(x, 28)]
+    print(f"augmentation alone (2 views, batch {TTA_BATCH}): {bench(lambda: m.views(x, TTA_SIZE)):.2f} ms", flush=True)
+    views = [v.contiguous(memory_format=torch.channels_last) for v in m.views(x, TTA_SIZE)]
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     info = StepInfo(0, 1000, 0, 468)
 

@@ -505,6 +505,20 @@ def machine_peaks(device, amp) -> dict:
 
 
 # ----------------------------------------------------------------------------- time to accuracy
+TTA_SIZE, TTA_BATCH, TTA_LR, TTA_TEMP = 28, 128, 1.0, 0.5
+TTA_CHANNELS = [16, 32, 64, 128]  # ResNet-18 at quarter width with the 3x3/2 stem, for both libraries
+
+
+def tta_simclr_kwargs(device: str, precision: str, epochs: int) -> dict[str, Any]:
+    """``Pretrainer("simclr", **kw)`` settings of the time-to-accuracy run (also step_profile.py's)."""
+    return dict(backbone="resnet18", image_size=TTA_SIZE, batch_size=TTA_BATCH, epochs=epochs, lr=TTA_LR,
+                warmup_epochs=0.2, temperature=TTA_TEMP,
+                views=[{"scale": [0.2, 1.0], "count": 2}],  # otherwise SimCLR's: jitter 0.8 (p 0.8), gray 0.2, blur 0.5
+                backbone_kwargs={"channels": TTA_CHANNELS}, stem="small_s2", progress=False,
+                mean=[0.5] * 3, std=[0.5] * 3,  # as lightly's transform: one k-NN input for both
+                num_workers=0, device=device, precision=precision)
+
+
 def time_to_accuracy(args, device, amp) -> list[dict]:
     """SimCLR on Fashion-MNIST 60k with both libraries: training minutes to k-NN top-1 >= target."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -516,11 +530,8 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
     src = Path(args.fmnist)
     xtr, ytr = load_split(src, "train")
     xte, yte = load_split(src, "test")
-    size, batch = 28, 128
-    bb_kw = dict(stem="small_s2", channels=[16, 32, 64, 128])
-    view = {"scale": [0.2, 1.0], "count": 2}  # otherwise SimCLR's views: jitter 0.8 (p 0.8), gray 0.2, blur 0.5
+    size, batch, lr, temp = TTA_SIZE, TTA_BATCH, TTA_LR, TTA_TEMP
     total_steps = args.tta_max_epochs * (len(xtr) // batch)
-    lr, temp = 1.0, 0.5
 
     def knn(backbone) -> float:
         backbone.eval()
@@ -556,12 +567,8 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
         paused += time.perf_counter() - t
         return acc >= args.target or spent >= args.tta_budget_min * 60
 
-    Pretrainer("simclr", backbone="resnet18", image_size=size, batch_size=batch,
-               epochs=args.tta_max_epochs, lr=lr, warmup_epochs=0.2, temperature=temp, views=[view],
-               backbone_kwargs={"channels": bb_kw["channels"]}, stem="small_s2", progress=False,
-               mean=[0.5] * 3, std=[0.5] * 3,  # as lightly's transform below: one k-NN input for both
-               num_workers=0, device=str(device), precision=args.precision,
-               ).fit(xtr, output_dir=Path(args.out) / "tta_ours", overwrite=True, callbacks=[check])
+    Pretrainer("simclr", **tta_simclr_kwargs(str(device), args.precision, args.tta_max_epochs)).fit(
+        xtr, output_dir=Path(args.out) / "tta_ours", overwrite=True, callbacks=[check])
     rows.append({"lib": "sslfeatures", "curve": curve, "reached": bool(curve and curve[-1][2] >= args.target),
                  "minutes": curve[-1][0] if curve else None})
 
@@ -573,7 +580,7 @@ def time_to_accuracy(args, device, amp) -> list[dict]:
     from lightly.utils.scheduler import CosineWarmupScheduler
 
     torch.manual_seed(0)
-    backbone = create_backbone("resnet18", image_size=size, **bb_kw)
+    backbone = create_backbone("resnet18", image_size=size, stem="small_s2", channels=TTA_CHANNELS)
     model = nn.Sequential(backbone, SimCLRProjectionHead(backbone.num_features, 2048, 128)).to(device)
     model.to(memory_format=torch.channels_last)
     from lightly.models.utils import get_weight_decay_parameters

@@ -122,6 +122,11 @@ class ImageSource(Dataset):
     def load(self, index: int):  # -> PIL image
         raise NotImplementedError
 
+    def as_batch(self) -> torch.Tensor | None:
+        """All images at once as a ``uint8`` tensor (N,3,S,S), where a source can give exactly
+        what :meth:`__getitem__` gives without a per-image pass; ``None``: decode image by image."""
+        return None
+
     def __getitem__(self, index: int):
         try:
             img = self.load(index)
@@ -193,10 +198,8 @@ class ArrayImages(ImageSource):
         self.size, self.crop_pct = size, crop_pct
 
     def as_batch(self) -> torch.Tensor | None:
-        """All images as one ``uint8`` tensor (N,3,S,S) without a per-image pass, where that
-        gives exactly what :meth:`__getitem__` gives: one ``uint8`` array or tensor of gray
-        (N,S,S[,1]) or RGB (N,S,S,3) / tensor (N,3,S,S) images already at the source's size
-        (nothing to resize or crop). Otherwise ``None``: decode image by image."""
+        """One ``uint8`` array or tensor of gray (N,S,S[,1]) or RGB (N,S,S,3) / tensor (N,3,S,S)
+        images already at the source's size (nothing to resize or crop) in one copy."""
         x = self._stacked
         if x is None or int(round(self.size / self.crop_pct)) != self.size:
             return None
@@ -265,7 +268,7 @@ def load_into_memory(source: ImageSource, report: BadFileReport | None = None,
     """Decode a whole source into one ``uint8`` tensor (N,3,S,S); returns it and kept indices."""
     from tqdm.auto import tqdm
 
-    whole = getattr(source, "as_batch", lambda: None)()
+    whole = source.as_batch()
     if whole is not None:  # one array already at the right size: no per-image decoding to do
         return whole, torch.arange(len(whole))
     out = torch.empty((len(source), 3, source.size, source.size), dtype=torch.uint8)
