@@ -14,9 +14,8 @@ sentence encoder all-MiniLM-L6-v2 (frozen, + learned projections: LiT). Reported
 
 Encoders: by default the SimCLR run pre-trained by ``benchmarks/fashion_mnist.py`` (ResNet-18
 at quarter width, 3x3/2 stem, 28 px; any other run with ``--encoders``) and the same backbone at
-random initialisation; two
-splits (even/odd class indices as seen/unseen, and the reverse) and a third where the unseen
-classes have seen siblings (``--splits``), three LiT seeds each.
+random initialisation. Splits (``--splits``): even/odd class indices as seen/unseen, the
+reverse, and ``sibling-seen``, where the unseen classes have seen relatives. Three LiT seeds each.
 
     OMP_NUM_THREADS=1 python benchmarks/zero_shot.py [--src ../shared/data/fashion-mnist]
         [--runs benchmarks/out/fashion_mnist] [--encoders simclr,random] [--out benchmarks/out/zero_shot]
@@ -45,10 +44,9 @@ from sslfeatures import Encoder, ZeroShotProbe  # noqa: E402
 from sslfeatures.data.pairs import CLASS_TEMPLATES  # noqa: E402
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-# seen class indices per split. even/odd: no unseen class has a seen one of its kind in one direction or the
-# other (even-seen sees no footwear; odd-seen no top). sibling-seen: every unseen class but the dress has a seen
-# class of the same kind (pullover, shirt: t-shirt and coat; sandal, ankle boot: sneaker), the usual design of
-# zero-shot splits, where unseen classes are related to seen ones
+# seen class indices per split. even/odd: no unseen class has a seen class of its kind (even-seen sees no
+# footwear, odd-seen no top). sibling-seen: every unseen class but the dress has one (pullover, shirt: t-shirt
+# and coat; sandal, ankle boot: sneaker), the usual design of zero-shot splits
 SPLITS = {"even-seen": [0, 2, 4, 6, 8], "odd-seen": [1, 3, 5, 7, 9], "sibling-seen": [0, 1, 4, 7, 8]}
 TEMPLATES = list(CLASS_TEMPLATES)
 
@@ -92,6 +90,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "zero_shot"))
     ap.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, of {list(SPLITS)}")
     args = ap.parse_args()
+    unknown = [sp for sp in args.splits.split(",") if sp not in SPLITS]
+    if unknown:
+        ap.error(f"unknown split(s) {unknown}; expected a comma-separated list of {list(SPLITS)}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
