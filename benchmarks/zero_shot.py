@@ -55,7 +55,7 @@ def _rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-def _encoder(name: str, runs: Path, like: str = "simclr") -> Encoder:
+def _encoder(name: str, runs: Path, like: str) -> Encoder:
     """A pre-trained run's encoder, or for ``random`` the backbone of run ``like`` at random init."""
     if name == "random":
         ref = json.loads((runs / f"run_{like}" / "config.json").read_text())["backbone"]
@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "zero_shot"))
     ap.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, of {list(SPLITS)}")
     args = ap.parse_args()
-    unknown = [sp for sp in args.splits.split(",") if sp not in SPLITS]
+    splits = args.splits.split(",")
+    unknown = [sp for sp in splits if sp not in SPLITS]
     if unknown:
         ap.error(f"unknown split(s) {unknown}; expected a comma-separated list of {list(SPLITS)}")
     torch.set_num_threads(1)
@@ -100,9 +101,10 @@ def main() -> None:
     xte, yte = load_split(Path(args.src), "test")
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     rows = []
-    trained = [e for e in args.encoders.split(",") if e != "random"]
-    for enc_name in args.encoders.split(","):
-        enc = _encoder(enc_name, Path(args.runs), like=trained[0] if trained else "simclr")
+    encoders = args.encoders.split(",")
+    like = next((e for e in encoders if e != "random"), "simclr")  # the random baseline's architecture
+    for enc_name in encoders:
+        enc = _encoder(enc_name, Path(args.runs), like=like)
         t0 = time.perf_counter()
         keep = np.concatenate([np.flatnonzero(ytr == c)[: args.train_per_class] for c in range(10)])
         xk = xtr[keep]
@@ -110,7 +112,7 @@ def main() -> None:
         fte = enc.embed(_rgb(xte), batch_size=256, progress=False)
         ytr_k = ytr[keep]
         print(f"[{enc_name}] embedded {len(keep)} + {len(xte)} images in {time.perf_counter() - t0:.0f}s", flush=True)
-        for split in args.splits.split(","):
+        for split in splits:
             seen = SPLITS[split]
             unseen = [c for c in range(10) if c not in seen]
             m = np.isin(ytr_k, seen)
@@ -148,8 +150,8 @@ def main() -> None:
     print("\n| encoder | split | text projection | zero-shot top-1, 5 unseen (chance 20%) | seen top-1 (5-way) "
           "| GZSL top-1 (10-way) | GZSL seen / unseen / H |")
     print("|---|---|---|---|---|---|---|")
-    for enc_name in args.encoders.split(","):
-        for split, proj in [(sp, p) for sp in args.splits.split(",") for p in args.text_proj.split(",")]:
+    for enc_name in encoders:
+        for split, proj in [(sp, p) for sp in splits for p in args.text_proj.split(",")]:
             r = [x for x in rows if x["encoder"] == enc_name and x["split"] == split and x["text_proj"] == proj]
 
             def f(k, r=r):
