@@ -50,7 +50,7 @@ SETTINGS: dict[str, dict] = {
     # asymmetric (the paper's): one backward per image pair, so ~2x SimCLR's epochs fit; SimCLR's jitter
     # strength (0.8, 0.8, 0.8, 0.2) instead of MoCo v2's (0.4, 0.4, 0.4, 0.1): +1.0 k-NN points in 2-epoch pilots.
     # The 256-wide last stage, temperature 0.1, blur off (MoCo v1's views) and batch 64 (lr 0.1, twice the updates
-    # per epoch): 0.843 mean k-NN over 3 seeds at batch 128 and 7 epochs, 0.859 at batch 64 and 6 (RESULTS.md)
+    # per epoch): mean k-NN over 3 seeds 0.843 at batch 128 and 7 epochs, 0.856 at batch 64 and 6 (RESULTS.md)
     "mocov2": dict(CNN_W256, epochs=6, batch_size=64, lr=0.1, warmup_epochs=0.2, queue_size=16384,
                    ema_momentum=0.99, temperature=0.1,
                    views=[{"scale": [0.2, 1.0], "jitter": [0.8, 0.8, 0.8, 0.2], "blur_p": 0.0, "count": 2}]),
