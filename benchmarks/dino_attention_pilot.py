@@ -30,12 +30,6 @@ import visual_probes as vp  # noqa: E402
 from sslfeatures import Encoder  # noqa: E402
 from sslfeatures.viz import attention_maps, mask_precision, threshold_mass  # noqa: E402
 
-# the example's DINO settings (examples/visual_probes.py, main())
-DINO = dict(lr=5e-4, warmup_epochs=1, out_dim=1024, hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp_epochs=2,
-            freeze_last_layer_epochs=0, momentum_start=0.99, weight_decay_end=0.1, clip_grad=3.0,
-            views=[{"scale": [0.3, 1.0], "blur_p": 1.0}, {"scale": [0.3, 1.0], "blur_p": 0.1, "solarize_p": 0.2},
-                   {"scale": [0.08, 0.3], "size_frac": 0.5, "count": 4}])
-
 
 def attention_share(enc: Encoder, comps) -> dict[str, float]:
     """Where the heads-averaged 60 %-mass attention mask lies: its share of the image and the
@@ -67,7 +61,7 @@ def main() -> None:
     train = crops if args.data == "crops" else [c for c, _ in vp.composites(pics, 1024, np.random.default_rng(1))]
     extra = json.loads(args.set)
     t0 = time.perf_counter()
-    run_dir = vp.pretrain("dino", train, args.steps, 32, out, **{**DINO, **extra})
+    run_dir = vp.pretrain("dino", train, args.steps, 32, out, **{**vp.DINO, **extra})
     rows = {"data": args.data, "steps": args.steps, "overrides": extra,
             "train_minutes": (time.perf_counter() - t0) / 60}
     rand = Encoder.random_init("vit_tiny_patch16_224", image_size=vp.SIZE, patch_size=8, seed=0, device="cpu",

@@ -47,6 +47,11 @@ VIT = dict(backbone="vit_tiny_patch16_224", patch_size=8, image_size=SIZE, backb
            precision="fp32", num_workers=0, progress=False, device="cpu")
 COLOUR = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
 GRAY = ["camera", "coins", "brick", "grass", "gravel", "moon", "clock"]
+# DINO's settings for the tiny ViT (also used by benchmarks/dino_attention_pilot.py)
+DINO = dict(lr=5e-4, warmup_epochs=1, out_dim=1024, hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp_epochs=2,
+            freeze_last_layer_epochs=0, momentum_start=0.99, weight_decay_end=0.1, clip_grad=3.0,
+            views=[{"scale": [0.3, 1.0], "blur_p": 1.0}, {"scale": [0.3, 1.0], "blur_p": 0.1, "solarize_p": 0.2},
+                   {"scale": [0.08, 0.3], "size_frac": 0.5, "count": 4}])
 OBJECTS = ["chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry"]     # textures cut out as the object
 BACKGROUNDS = ["grass", "gravel", "brick", "hubble_deep_field", "retina", "moon"]  # and what they are pasted on
 
@@ -164,12 +169,7 @@ def main() -> None:
     held, held_labels = crops(pics, 8 * len(pics), 96, rng)
     comps = composites(pics, args.composites, rng)
 
-    dino_dir = pretrain("dino", train, args.dino_steps, 32, out, lr=5e-4, warmup_epochs=1, out_dim=1024,
-                        hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=0,
-                        momentum_start=0.99, weight_decay_end=0.1, clip_grad=3.0,
-                        views=[{"scale": [0.3, 1.0], "blur_p": 1.0},
-                               {"scale": [0.3, 1.0], "blur_p": 0.1, "solarize_p": 0.2},
-                               {"scale": [0.08, 0.3], "size_frac": 0.5, "count": 4}])
+    dino_dir = pretrain("dino", train, args.dino_steps, 32, out, **DINO)
     mae_dir = pretrain("mae", train, args.mae_steps, 32, out, lr=1.5e-3, warmup_epochs=1, decoder_dim=128,
                        decoder_depth=2, decoder_heads=4, mask_ratio=0.75,
                        views=[{"scale": [0.3, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}])
