@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="timm model name (default: the recipe's)")
     p.add_argument("--recipe", help="a recipe YAML to use instead of the method's default")
     p.add_argument("--out", help="run folder (default runs/<method>-<time>)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=float, help="passes over the data; may be fractional (2.5)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--lr", type=float)

@@ -87,6 +87,16 @@ def test_existing_run_is_not_overwritten(tiny_images, tmp_path):
         Pretrainer("simclr", **cfg).fit(tiny_images, output_dir=tmp_path / "new", resume=True)
 
 
+def test_fractional_epochs_end_mid_epoch_and_zero_epochs_is_an_error(tiny_images, tmp_path):
+    run = Pretrainer("simclr", **{**BASE, "epochs": 1.5}).fit(tiny_images, output_dir=tmp_path / "r")
+    assert run.steps == 5  # 1.5 x 3 steps per epoch, rounded half up
+    assert json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())["step"] == 5
+    assert (tmp_path / "r" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="epochs must be more than 0, got 0"):
+        Pretrainer("simclr", **{**BASE, "epochs": 0}).fit(tiny_images, output_dir=tmp_path / "z")
+    assert not (tmp_path / "z").exists()
+
+
 def test_missing_or_empty_data_fails_before_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="data folder not found"):
         Pretrainer("simclr", **BASE).fit(tmp_path / "missing", output_dir=tmp_path / "r")

@@ -208,6 +208,8 @@ class Pretrainer:
         accum = int(cfg.accumulate_steps)
         if accum < 1:
             raise ValueError(f"accumulate_steps must be 1 or more, got {cfg.accumulate_steps}")
+        if not cfg.epochs > 0:
+            raise ValueError(f"epochs must be more than 0, got {cfg.epochs}")
         if resume and output_dir is None:
             raise ValueError("resume=True needs the output_dir of the run to continue")
         out = Path(output_dir) if output_dir is not None else _default_output_dir(cfg.method)
@@ -284,7 +286,7 @@ class Pretrainer:
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
         spe = len(stream)
-        total = cfg.epochs * spe
+        total = max(1, int(cfg.epochs * spe + 0.5))  # fractional epochs (2.5) end mid-epoch
         warmup = int(round(cfg.warmup_epochs * spe))
         step, metrics = 0, []
         last_good: int | None = None  # the step of the newest checkpoint on disk
