@@ -92,9 +92,10 @@ def test_fractional_epochs_end_mid_epoch_and_zero_epochs_is_an_error(tiny_images
     assert run.steps == 5  # 1.5 x 3 steps per epoch, rounded half up
     assert json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())["step"] == 5
     assert (tmp_path / "r" / "model.safetensors").exists()
-    with pytest.raises(ValueError, match="epochs must be more than 0, got 0"):
-        Pretrainer("simclr", **{**BASE, "epochs": 0}).fit(tiny_images, output_dir=tmp_path / "z")
-    assert not (tmp_path / "z").exists()
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match=f"epochs must be a finite number more than 0, got {bad}"):
+            Pretrainer("simclr", **{**BASE, "epochs": bad}).fit(tiny_images, output_dir=tmp_path / "z")
+        assert not (tmp_path / "z").exists()
 
 
 def test_missing_or_empty_data_fails_before_work(tmp_path):

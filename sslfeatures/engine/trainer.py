@@ -208,8 +208,8 @@ class Pretrainer:
         accum = int(cfg.accumulate_steps)
         if accum < 1:
             raise ValueError(f"accumulate_steps must be 1 or more, got {cfg.accumulate_steps}")
-        if not cfg.epochs > 0:
-            raise ValueError(f"epochs must be more than 0, got {cfg.epochs}")
+        if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+            raise ValueError(f"epochs must be a finite number more than 0, got {cfg.epochs}")
         if resume and output_dir is None:
             raise ValueError("resume=True needs the output_dir of the run to continue")
         out = Path(output_dir) if output_dir is not None else _default_output_dir(cfg.method)
