@@ -23,6 +23,8 @@ def test_pretrain_embed_knn_export(tiny_images, labelled_images, tmp_path, capsy
                  "backbone_kwargs={channels: [16, 32, 64, 128]}"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
+    epochs = json.loads((run / "train_config.json").read_text())["epochs"]
+    assert epochs == 1 and isinstance(epochs, int)  # "--epochs 1" stays a whole number; "--epochs 2.5" may be given
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "f.npy")]) == 0
     assert np.load(tmp_path / "f.npy").shape == (48, 128)
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "g.npy"),
