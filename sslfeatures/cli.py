@@ -40,12 +40,6 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _epochs(text: str) -> int | float:
-    """``--epochs``: a whole number stays an int (``20``), a fraction is a float (``2.5``)."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
 def _cmd_methods(args) -> int:
     from .engine.config import load_recipe, recipe_variants
     from .methods import get_method, list_methods
@@ -518,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="timm model name (default: the recipe's)")
     p.add_argument("--recipe", help="a recipe YAML to use instead of the method's default")
     p.add_argument("--out", help="run folder (default runs/<method>-<time>)")
-    p.add_argument("--epochs", type=_epochs, help="passes over the data; may be fractional (2.5)")
+    p.add_argument("--epochs", type=float, help="passes over the data; may be fractional (2.5)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--lr", type=float)

@@ -24,7 +24,7 @@ def test_pretrain_embed_knn_export(tiny_images, labelled_images, tmp_path, capsy
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
     epochs = json.loads((run / "train_config.json").read_text())["epochs"]
-    assert epochs == 1 and isinstance(epochs, int)  # "--epochs 1" stays a whole number; "--epochs 2.5" may be given
+    assert epochs == 1 and isinstance(epochs, int)  # "--epochs 1" is stored as a whole number
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "f.npy")]) == 0
     assert np.load(tmp_path / "f.npy").shape == (48, 128)
     assert main(["embed", "--model", str(run), "--data", str(tiny_images), "--out", str(tmp_path / "g.npy"),

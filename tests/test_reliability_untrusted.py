@@ -115,7 +115,8 @@ def test_config_json_not_json_or_not_an_object(enc_dir, tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("method: simclr\nepochs: ten\n", r"epochs: expected an integer, got 'ten'"),
+    ("method: simclr\nepochs: ten\n", r"epochs: expected int \| float, got 'ten'"),
+    ("method: simclr\nbatch_size: ten\n", r"batch_size: expected an integer, got 'ten'"),
     ("method: simclr\nepoch: 10\n", r"r.yaml\]: unknown key\(s\) \['epoch'\]; valid keys are \[.*'epochs'"),
     ("method: simclr\nlr: [0.1]\n", r"lr: expected float \| None"),
     ("method: simclr\nviews: 3\n", r"views: expected a list"),

@@ -24,7 +24,7 @@ class TrainConfig:
     patch_size: int | None = None
     pooling: str = "default"
     image_size: int = 224
-    epochs: float = 100             # may be fractional (2.5): the run takes epochs x steps per epoch steps, rounded
+    epochs: int | float = 100       # may be fractional (2.5): the run takes epochs x steps per epoch steps, rounded
     batch_size: int = 256
     optimizer: str = "adamw"
     base_lr: float = 1e-3          # scaled by batch_size * world_size / 256
