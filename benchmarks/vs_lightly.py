@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,7 +59,7 @@ from sslfeatures import Pretrainer
 from sslfeatures.augment import Views
 from sslfeatures.data.demo import load_demo_arrays
 from sslfeatures.methods.base import StepInfo
-from sslfeatures.utils import autocast, resolve_precision
+from sslfeatures.utils import autocast, cpu_model, resolve_precision
 
 # lightly's SimCLRTransform at 32 px without blur (its CIFAR setting)
 SIMCLR_VIEW = dict(scale=[0.08, 1.0], jitter=[0.8, 0.8, 0.8, 0.2], jitter_p=0.8, gray_p=0.2, blur_p=0.0, count=2)
@@ -654,7 +653,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+        f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads"
     res: dict[str, Any] = {"machine": dev_name, "torch": torch.__version__, "lightly": lightly.__version__,
                            "amp": str(amp), "cases": {}}
     cases = [c for c in args.cases if c != "none"]

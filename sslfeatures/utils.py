@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -40,6 +41,18 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from Linux's /proc/cpuinfo, else what :mod:`platform` knows (for benchmark records)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_fast_bf16() -> bool:

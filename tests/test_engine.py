@@ -168,3 +168,33 @@ def test_device_and_precision_environment_defaults(monkeypatch):
     monkeypatch.setenv("SSLFEATURES_PRECISION", "int4")
     with pytest.raises(ValueError, match="SSLFEATURES_PRECISION='int4'"):
         resolve_precision("auto", torch.device("cpu"))
+
+
+def test_cpu_facts_read_from_cpuinfo_and_fall_back(monkeypatch, tmp_path):
+    """The benchmarks' CPU record and the bf16 test read /proc/cpuinfo; with no such file the
+    model falls back to ``platform`` and "auto" precision to fp32 (no bf16 units assumed)."""
+    import builtins
+
+    from sslfeatures import utils
+
+    real_open = builtins.open
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 amx_bf16\n")
+
+    def open_cpuinfo(path, *a, **k):
+        return real_open(fake if str(path) == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", open_cpuinfo)
+    assert utils.cpu_model() == "Test CPU 9000" and utils.cpu_has_fast_bf16()
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    monkeypatch.delenv("SSLFEATURES_PRECISION", raising=False)
+    assert not utils.cpu_has_fast_bf16() and utils.resolve_precision("auto", torch.device("cpu")) is None
+
+    def no_cpuinfo(path, *a, **k):
+        if str(path) == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(utils.platform, "processor", lambda: "fallback-cpu")
+    assert utils.cpu_model() == "fallback-cpu" and utils.cpu_flags() == set()
