@@ -17,11 +17,17 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     (1 - eps) * cov + eps * I`` (the paper's ``Whitening2d``, differentiable)."""
     if x.ndim not in (2, 3):
         raise ValueError(f"whiten expects (N, D) or (G, N, D), got {tuple(x.shape)}")
-    x = x.float()
     n, d = x.shape[-2:]
     if n <= d:
         raise ValueError(f"whitening {d}-d embeddings needs more than {d} samples per whitening batch, "
                          f"got {n}: lower the embedding size (proj_dim) or raise w_size / the batch size")
+    # in fp32 even under bf16/fp16 autocast: a covariance from bf16 matmuls (3 significant digits) is
+    # near-singular for a 64-sample batch, and its Cholesky factor fails or whitens wrongly
+    with torch.autocast(x.device.type, enabled=False):
+        return _whiten_fp32(x.float(), n, d, eps)
+
+
+def _whiten_fp32(x: torch.Tensor, n: int, d: int, eps: float) -> torch.Tensor:
     xc = x - x.mean(-2, keepdim=True)
     cov = xc.transpose(-1, -2) @ xc / (n - 1)
     eye = torch.eye(d, device=x.device, dtype=x.dtype)
