@@ -171,8 +171,8 @@ def test_device_and_precision_environment_defaults(monkeypatch):
 
 
 def test_cpu_facts_read_from_cpuinfo_and_fall_back(monkeypatch, tmp_path):
-    """The benchmarks' CPU record and the bf16 test read /proc/cpuinfo; with no such file the
-    model falls back to ``platform`` and "auto" precision to fp32 (no bf16 units assumed)."""
+    """The benchmarks' CPU record and the check for bf16 units read /proc/cpuinfo; with no such
+    file the model falls back to ``platform`` and "auto" precision to fp32 (no bf16 units assumed)."""
     import builtins
 
     from sslfeatures import utils

@@ -178,14 +178,12 @@ def test_whitening_stays_fp32_under_bf16_autocast():
     32-d embeddings whitens wrongly (and its covariance can turn singular mid-run)."""
     torch.manual_seed(0)
     x = torch.randn(4, 64, 32) @ torch.randn(32, 32) + 3.0  # 4 sub-batches of 64, correlated 32-d
-    ref = whiten(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = whiten(x.bfloat16())
     assert z.dtype == torch.float32
     cov = z.transpose(-1, -2) @ z / 63
     torch.testing.assert_close(cov, torch.eye(32).expand_as(cov), atol=2e-3, rtol=0)
     torch.testing.assert_close(z, whiten(x.bfloat16().float()), atol=1e-4, rtol=1e-4)
-    assert (z - ref).abs().max() < 0.5  # only the bf16 rounding of the input differs
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert float(wmse_loss([x[0], x[0]], w_size=64)) < 1e-4
 
