@@ -19,8 +19,10 @@ from sslfeatures import Encoder, Pretrainer
 from sslfeatures.data.demo import write_demo_folders
 from sslfeatures.eval import raw_pixel_features, weighted_knn
 
-# Small-image settings for 28 px grayscale on a CPU (see benchmarks/RESULTS.md)
-DEMO = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [32, 64, 128, 256]},
+# Small-image settings for 28 px grayscale on a CPU (see benchmarks/RESULTS.md): ResNet-18 at quarter width with
+# a 256-wide last stage and GeM pooling, the benchmark's SimCLR. On the 10k demo split the half-width network of
+# earlier versions (mean pooling, 6 epochs) gave 0.804 k-NN against raw pixels' 0.8125; this one, 20 epochs, 0.820
+DEMO = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [16, 32, 64, 256]}, pooling="gem",
             image_size=28, batch_size=128, lr=1.0, temperature=0.5, warmup_epochs=0.5,
             views=[{"scale": [0.2, 1.0], "count": 2}])
 
@@ -28,7 +30,7 @@ DEMO = dict(backbone="resnet18", stem="small_s2", backbone_kwargs={"channels": [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=None, help="stop early (smoke tests)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -52,7 +54,7 @@ def main() -> None:
     pte, pyte, _ = raw_pixel_features(folders["test"])
     rows.append(("raw pixels", weighted_knn(ptr, pytr, pte, pyte)["top1"]))
     rnd = Encoder.random_init(DEMO["backbone"], image_size=DEMO["image_size"], stem=DEMO["stem"],
-                              backbone_kwargs=DEMO["backbone_kwargs"])
+                              pooling=DEMO["pooling"], backbone_kwargs=DEMO["backbone_kwargs"])
     rows.append(("same backbone, random init", rnd.evaluate_knn(folders["train"], folders["test"])["top1"]))
 
     exported = enc.export(out / "exported", formats=["safetensors"])
