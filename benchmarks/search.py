@@ -41,6 +41,7 @@ from demo import DEMO  # noqa: E402  (the `make demo` SimCLR settings for 28 px)
 
 from sslfeatures import Encoder, Index, Pretrainer  # noqa: E402
 from sslfeatures.data.demo import load_demo_arrays, write_demo_folders  # noqa: E402
+from sslfeatures.utils import cpu_model  # noqa: E402
 
 
 class Timer:
@@ -172,12 +173,7 @@ def ann_rows(sampler: MixtureSampler, sizes: list[int], kinds: list[str], n_quer
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()
     return (f"{cpu}, {os.cpu_count()} cores, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end, "
             f"Python {platform.python_version()}, torch {torch.__version__}")

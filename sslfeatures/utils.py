@@ -31,28 +31,26 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags from Linux's /proc/cpuinfo (empty elsewhere or when unreadable)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name : value`` line of Linux's /proc/cpuinfo (None elsewhere or unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags from Linux's /proc/cpuinfo (empty elsewhere or when unreadable)."""
+    return set((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_model() -> str:
     """The CPU's model name from Linux's /proc/cpuinfo, else what :mod:`platform` knows (for benchmark records)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_fast_bf16() -> bool:

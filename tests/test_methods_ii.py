@@ -78,6 +78,7 @@ def test_loss_falls_no_nan_no_collapse(name, crops, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("stop_gradient", [True, False])
+@pytest.mark.usefixtures("fast_tiny_runs")  # one thread, as the full suite runs it: see the comment below
 def test_simsiam_collapses_without_stop_gradient(stop_gradient, crops, tmp_path, caplog):
     """Chen & He 2021, Fig. 2: with stop-gradient the loss falls and nothing collapses;
     without it the loss drops to near its minimum of -1, the output degenerates and the
@@ -85,16 +86,11 @@ def test_simsiam_collapses_without_stop_gradient(stop_gradient, crops, tmp_path,
     caplog.set_level(logging.WARNING, logger="sslfeatures")
     data = np.concatenate([crops] * 4)  # 32 steps of 32 an epoch: the monitor looks 5 times
     fit = dict(FIT, batch_size=32)
-    # one thread, as the full suite runs it: at lr 1.0 this tiny run is chaotic, and on an AVX-512 host the
-    # 2-thread trajectory's 64-d prediction (16-d hidden) dips to effective rank 1.24 once, under the monitor's
-    # 1.5, although its normalised std stays 0.5-0.8 (the 1-thread run: rank 1.68-3.38)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = Pretrainer("simsiam", **SIMSIAM, stop_gradient=stop_gradient, **fit).fit(
-            data, output_dir=tmp_path / "run", max_steps=160)
-    finally:
-        torch.set_num_threads(threads)
+    # one thread (fast_tiny_runs): at lr 1.0 this tiny run is chaotic, and on an AVX-512 host the 2-thread
+    # trajectory's 64-d prediction (16-d hidden) dips to effective rank 1.24 once, under the monitor's 1.5,
+    # although its normalised std stays 0.5-0.8 (the 1-thread run: rank 1.68-3.38)
+    run = Pretrainer("simsiam", **SIMSIAM, stop_gradient=stop_gradient, **fit).fit(
+        data, output_dir=tmp_path / "run", max_steps=160)
     losses = [m["loss"] for m in run.metrics if "loss" in m]
     assert len(losses) == 160 and all(math.isfinite(v) for v in losses)
     stats = [m for m in run.metrics if "head_norm_std" in m]

@@ -24,21 +24,18 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     # in fp32 even under bf16/fp16 autocast: a covariance from bf16 matmuls (3 significant digits) is
     # near-singular for a 64-sample batch, and its Cholesky factor fails or whitens wrongly
     with torch.autocast(x.device.type, enabled=False):
-        return _whiten_fp32(x.float(), n, d, eps)
-
-
-def _whiten_fp32(x: torch.Tensor, n: int, d: int, eps: float) -> torch.Tensor:
-    xc = x - x.mean(-2, keepdim=True)
-    cov = xc.transpose(-1, -2) @ xc / (n - 1)
-    eye = torch.eye(d, device=x.device, dtype=x.dtype)
-    cov = (1 - eps) * cov + eps * eye
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if bool((info != 0).any()):
-        raise FloatingPointError(
-            "W-MSE: the covariance of a whitening batch is singular (the embeddings have collapsed "
-            "onto a subspace); raise w_eps (e.g. 1e-3), lower the lr or the embedding size")
-    inv = torch.linalg.solve_triangular(chol, eye.expand_as(cov), upper=False)  # L^-1
-    return xc @ inv.transpose(-1, -2)
+        x = x.float()
+        xc = x - x.mean(-2, keepdim=True)
+        cov = xc.transpose(-1, -2) @ xc / (n - 1)
+        eye = torch.eye(d, device=x.device, dtype=x.dtype)
+        cov = (1 - eps) * cov + eps * eye
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if bool((info != 0).any()):
+            raise FloatingPointError(
+                "W-MSE: the covariance of a whitening batch is singular (the embeddings have collapsed "
+                "onto a subspace); raise w_eps (e.g. 1e-3), lower the lr or the embedding size")
+        inv = torch.linalg.solve_triangular(chol, eye.expand_as(cov), upper=False)  # L^-1
+        return xc @ inv.transpose(-1, -2)
 
 
 def wmse_loss(views: list[torch.Tensor], w_size: int, w_iter: int = 1, eps: float = 0.0,
